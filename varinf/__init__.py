@@ -1,0 +1,34 @@
+"""varinf: deep generative models as variational inference.
+
+Every model fits p(x) by making two joints over (x, z) agree: the data side p~(x) q(z|x), a Pyro
+guide, and the model side p(z) p(x|z), a Pyro model. See THEORY.md for the maths.
+"""
+
+from varinf.callbacks import EpochSummary, ImageGrids
+from varinf.data import DataError, MNISTDataModule, TensorBatches, load_mnist
+from varinf.divergences import (
+    cross_entropy,
+    entropy,
+    js,
+    kl,
+    kl_normal_normal,
+    kl_normal_standard_normal,
+    monte_carlo_kl,
+    wasserstein_1d,
+)
+from varinf.evaluation import importance_sampled_nll
+from varinf.likelihoods import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
+from varinf.metrics import ActiveUnits
+from varinf.models import LATENT, OBSERVED, GaussianEncoderGuide, LatentVariableModel, StandardNormalPrior
+from varinf.modules import VAEModule, load_module
+from varinf.networks import MLP
+from varinf.objectives import ELBOLoss, iwae_bound, log_importance_weights
+
+__all__ = [
+    "ActiveUnits", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
+    "EpochSummary", "GaussianEncoderGuide", "GaussianLikelihood", "ImageGrids", "LATENT",
+    "LatentVariableModel", "MLP", "MNISTDataModule", "OBSERVED", "StandardNormalPrior",
+    "TensorBatches", "VAEModule", "cross_entropy", "entropy", "importance_sampled_nll", "iwae_bound",
+    "js", "kl", "kl_normal_normal", "kl_normal_standard_normal", "load_mnist", "load_module",
+    "log_importance_weights", "monte_carlo_kl", "wasserstein_1d",
+]

@@ -1,0 +1,127 @@
+"""LightningModules that train varinf models, and loading them back from checkpoints."""
+
+import importlib
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor
+
+from varinf.callbacks import EpochSummary, ImageGrids
+from varinf.metrics import ActiveUnits
+from varinf.models import GaussianEncoderGuide, GuideFactory, LatentVariableModel, ModelFactory
+from varinf.objectives import ELBOLoss, KLEstimator
+
+STAGES = ("train", "val", "test")
+
+
+class VAEModule(pl.LightningModule):
+    """A VAE trained by maximising the ELBO: the data side ``p~(x) q(z|x)`` (the guide) against the
+    model side ``p(z) p(x|z)`` (the model), Kingma & Welling (2014).
+
+    Train, validation and test share one step. Logged, in nats per datapoint: ``{stage}/loss``
+    (what is minimised), ``{stage}/negative_elbo``, ``{stage}/reconstruction`` (``-E_q log p(x|z)``),
+    ``{stage}/kl`` (``KL(q(z|x) || p(z))``) and ``{stage}/active_units``.
+
+    Args:
+        data_shape: shape of one datapoint.
+        latent_dim: dimension of z.
+        model: builds the model side from ``(data_shape, latent_dim)``.
+        guide: builds the guide from ``(data_shape, latent_dim)``.
+        kl: ``"analytic"`` (``TraceMeanField_ELBO``) or ``"monte_carlo"`` (``Trace_ELBO``).
+        num_particles: samples of z per datapoint in the training ELBO.
+        beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO.
+        kl_warmup_epochs: ramp the KL weight linearly from ~0 to ``beta`` over this many epochs
+            (Bowman et al. 2016; Sonderby et al. 2016); 0 disables warm-up.
+        optimizer: builds the torch optimiser from the parameters.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        latent_dim: int = 50,
+        model: ModelFactory = LatentVariableModel,
+        guide: GuideFactory = GaussianEncoderGuide,
+        kl: KLEstimator = "analytic",
+        num_particles: int = 1,
+        beta: float = 1.0,
+        kl_warmup_epochs: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ):
+        super().__init__()
+        if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1:
+            raise ValueError(
+                "VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1 and latent_dim >= 1; "
+                f"got beta={beta}, kl_warmup_epochs={kl_warmup_epochs}, num_particles={num_particles}, latent_dim={latent_dim}."
+            )
+        self.save_hyperparameters()
+        self.model = model(data_shape, latent_dim)
+        self.guide = guide(data_shape, latent_dim)
+        self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
+        self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
+        self.optimizer_factory = optimizer
+        # ModuleDict keys must not shadow nn.Module attributes such as `train`.
+        self.active_units = torch.nn.ModuleDict({f"{stage}_set": ActiveUnits(latent_dim) for stage in STAGES})
+
+    def kl_weight(self) -> float:
+        """The KL weight for the current step: ``beta * min(1, step / warm-up steps)``."""
+        if self.kl_warmup_epochs == 0 or self._trainer is None:
+            return self.beta
+        warmup_steps = self.kl_warmup_epochs * self.trainer.num_training_batches
+        return self.beta * min(1.0, (self.global_step + 1) / warmup_steps)
+
+    def step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, _ = batch
+        self.objective.kl_weight = self.kl_weight() if stage == "train" else 1.0
+        terms = self.objective.terms(x)
+        active_units = self.active_units[f"{stage}_set"]
+        active_units.update(terms.posterior_mean)
+        on_step = stage == "train"
+        logged = {"loss": terms.loss.detach(), "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}
+        for name, value in logged.items():
+            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=name == "negative_elbo", batch_size=x.shape[0])
+        self.log(f"{stage}/active_units", active_units, on_step=False, on_epoch=True)
+        return terms.loss
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self.step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.step(batch, "test")
+
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.parameters())
+
+    def configure_callbacks(self):
+        checkpoint = ModelCheckpoint(monitor="val/negative_elbo", mode="min", filename="best", save_last=True, auto_insert_metric_name=False)
+        return [checkpoint, ImageGrids(), EpochSummary()]
+
+    # What the image callback and the CLI's `sample` need from a generative module.
+    @torch.no_grad()
+    def sample_latents(self, num_samples: int) -> Tensor:
+        """``z ~ p(z)``, shape ``(num_samples, latent_dim)``, on the module's device."""
+        return self.model.prior().sample((num_samples,))
+
+    @torch.no_grad()
+    def generate(self, z: Tensor) -> Tensor:
+        """Decode latents to images: the mean of ``p(x|z)``."""
+        return self.model.generate(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean of each x."""
+        return self.model.generate(self.guide.posterior(x).mean)
+
+
+def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:
+    """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit``."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "varinf.VAEModule")
+    module_name, _, class_name = class_path.rpartition(".")
+    module_class = getattr(importlib.import_module(module_name), class_name)
+    return module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True)

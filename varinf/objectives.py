@@ -1,0 +1,133 @@
+"""Likelihood-based objectives: the ELBO through Pyro, and the importance-weighted bound.
+
+``KL(p~(x) q(z|x) || p(z) p(x|z)) = E_p~[-ELBO(x)] - H(p~)`` (THEORY.md, section 2), so minimising
+:class:`ELBOLoss` matches the data-side and model-side joints.
+"""
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.scale_messenger import ScaleMessenger
+from torch import Tensor, nn
+from torch.distributions import Distribution, kl_divergence
+
+from varinf.models import LATENT
+
+KLEstimator = Literal["analytic", "monte_carlo"]
+
+
+class ELBOTerms(NamedTuple):
+    """One batch of the ELBO, each a mean over the batch, in nats per datapoint.
+
+    ``loss = reconstruction + kl_weight * kl`` is what is minimised; ``negative_elbo =
+    reconstruction + kl`` is the bound itself, whatever the KL weight.
+    """
+
+    loss: Tensor
+    reconstruction: Tensor
+    kl: Tensor
+    posterior_mean: Tensor
+
+    @property
+    def negative_elbo(self) -> Tensor:
+        return self.reconstruction + self.kl
+
+
+class _ScaleSite(ScaleMessenger):
+    """``poutine.scale`` restricted to one sample site: multiplies its log-density by ``scale``."""
+
+    def __init__(self, site: str, scale: float):
+        super().__init__(scale)
+        self.site = site
+
+    def _process_message(self, msg):
+        if msg["name"] == self.site:
+            super()._process_message(msg)
+
+
+class _RecordSite(Messenger):
+    """Keeps the distribution and value of every visit to one site (guide first, then model)."""
+
+    def __init__(self, site: str):
+        super().__init__()
+        self.site, self.visits = site, []
+
+    def _postprocess_message(self, msg):
+        if msg["name"] == self.site:
+            self.visits.append((msg["fn"], msg["value"]))
+
+
+def kl_estimate(q: Distribution, p: Distribution, z: Tensor, analytic: bool) -> Tensor:
+    """``KL(q || p)``: closed form when requested and registered, else ``log q(z) - log p(z)`` at ``z ~ q``."""
+    if analytic:
+        try:
+            return kl_divergence(q, p)
+        except NotImplementedError:
+            pass
+    return q.log_prob(z) - p.log_prob(z)
+
+
+class ELBOLoss(nn.Module):
+    """``-ELBO(x) = -E_q[log p(x|z)] + beta KL(q(z|x) || p(z))`` per datapoint, from Pyro's ELBO.
+
+    The loss is the differentiable loss of Pyro's ``ELBOModule``: ``TraceMeanField_ELBO`` for an
+    analytic KL, ``Trace_ELBO`` for a Monte-Carlo one. The KL weight ``beta`` (for beta-VAE and
+    KL warm-up) is a ``poutine.scale`` on the latent site of both model and guide.
+
+    Args:
+        model: the Pyro model ``p(z) p(x|z)``, called as ``model(x)``.
+        guide: the Pyro guide ``q(z|x)``, called as ``guide(x)``.
+        kl: ``"analytic"`` or ``"monte_carlo"``.
+        num_particles: samples of z per datapoint (vectorised).
+    """
+
+    def __init__(self, model: nn.Module, guide: nn.Module, kl: KLEstimator = "analytic", num_particles: int = 1):
+        super().__init__()
+        if kl not in ("analytic", "monte_carlo"):
+            raise ValueError(f"kl must be 'analytic' or 'monte_carlo', got {kl!r}.")
+        estimator = TraceMeanField_ELBO if kl == "analytic" else Trace_ELBO
+        self.analytic = kl == "analytic"
+        self.elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)(model, guide)
+        self.kl_weight = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The loss, in nats per datapoint."""
+        return self.terms(x).loss
+
+    def terms(self, x: Tensor) -> ELBOTerms:
+        """The loss and its parts. The parts are read off the same Pyro run, without gradients."""
+        recorder = _RecordSite(LATENT)
+        with recorder, _ScaleSite(LATENT, self.kl_weight):
+            loss = self.elbo(x) / x.shape[0]
+        (q, z), (p, _) = recorder.visits
+        with torch.no_grad():
+            kl = kl_estimate(q, p, z, self.analytic).mean()
+            reconstruction = loss.detach() - self.kl_weight * kl
+        return ELBOTerms(loss, reconstruction, kl, q.mean.detach())
+
+
+def log_importance_weights(model: nn.Module, guide: nn.Module, x: Tensor, num_samples: int) -> Tensor:
+    """``log w_k = log p(x, z_k) - log q(z_k|x)`` for ``z_k ~ q(z|x)``, shape ``(num_samples, B)``.
+
+    Uses ``guide.posterior(x)`` (a distribution over z with batch shape ``(B,)``) and
+    ``model.log_joint(x, z)``.
+    """
+    q = guide.posterior(x)
+    z = q.rsample((num_samples,))
+    return model.log_joint(x, z) - q.log_prob(z)
+
+
+def iwae_bound(log_weights: Tensor, dim: int = 0) -> Tensor:
+    """Importance-weighted bound ``log (1/K) sum_k w_k <= log p(x)`` per datapoint (Burda et al., 2016).
+
+    K = 1 gives the ELBO; the bound is non-decreasing in K and tends to ``log p(x)``.
+
+    Args:
+        log_weights: ``log w_k``, K samples along ``dim``.
+    Returns:
+        The bound, with ``dim`` reduced.
+    """
+    return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
