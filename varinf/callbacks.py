@@ -73,7 +73,11 @@ class EpochSummary(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.progress_bar_callback is not None:
             return
-        metrics = {name: value for name, value in trainer.callback_metrics.items() if not name.endswith(("_step", "_epoch")) and value.numel() == 1}
-        shown = "  ".join(f"{name} {float(value):.2f}" for name, value in sorted(metrics.items()))
+        by_stage: dict[str, list[str]] = {}
+        for name, value in sorted(trainer.callback_metrics.items()):
+            stage, _, metric = name.rpartition("/")
+            if stage and not metric.endswith(("_step", "_epoch")) and value.numel() == 1:
+                by_stage.setdefault(stage, []).append(f"{metric} {float(value):.2f}")
+        shown = " | ".join(f"{stage}: {', '.join(values)}" for stage, values in by_stage.items())
         elapsed = time.perf_counter() - self.started
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  ({elapsed:.1f} s)", flush=True)
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)

@@ -37,8 +37,9 @@ class VarinfCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
-def fit(argv: list[str] | None) -> None:
-    VarinfCLI(
+def fit(argv: list[str] | None) -> VarinfCLI:
+    """Run ``varinf fit`` (or another LightningCLI subcommand) and return the CLI, which holds the trained module."""
+    return VarinfCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

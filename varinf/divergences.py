@@ -121,7 +121,7 @@ def wasserstein_1d(x: Tensor, y: Tensor) -> Tensor:
     points = torch.cat([x, y], -1).sort(-1).values
     widths = points.diff(dim=-1)
     left = points[..., :-1].contiguous()
-    cdf_x = torch.searchsorted(x, left, right=True) / x.shape[-1]
-    cdf_y = torch.searchsorted(y, left, right=True) / y.shape[-1]
+    cdf_x = torch.searchsorted(x, left, right=True).to(x.dtype) / x.shape[-1]
+    cdf_y = torch.searchsorted(y, left, right=True).to(x.dtype) / y.shape[-1]
     return ((cdf_x - cdf_y).abs() * widths).sum(-1)
 

@@ -1,0 +1,172 @@
+"""VAEModule, checkpoints and the command line, on the CPU with small budgets."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+from varinf import MLP, GaussianEncoderGuide, LatentVariableModel, MNISTDataModule, VAEModule, load_module
+from varinf.cli import fit, main
+
+RECIPE = REPO / "recipes" / "vae_mnist.yaml"
+SMALL = [
+    "--trainer.max_epochs=2",
+    "--trainer.limit_train_batches=3",  # 3 x 128 = 384 training images
+    "--trainer.limit_val_batches=1",
+    "--trainer.limit_test_batches=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def small_vae(seed=0):
+    torch.manual_seed(seed)
+    network = lambda i, o: MLP(i, o, hidden=(32,))  # noqa: E731
+    return VAEModule(
+        latent_dim=4,
+        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network),
+        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=network),
+    )
+
+
+def test_two_vaes_in_one_process_share_no_parameters():
+    first, second = small_vae(0), small_vae(1)
+    assert not {id(p) for p in first.parameters()} & {id(p) for p in second.parameters()}
+    before = [p.detach().clone() for p in second.parameters()]
+    optimizer = first.configure_optimizers()
+    x = torch.bernoulli(torch.full((16, 1, 28, 28), 0.2))
+    for _ in range(3):
+        optimizer.zero_grad()
+        first.objective(x).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, second.parameters()))
+    assert all(p.grad is None for p in second.parameters())
+
+
+def test_kl_warmup_ramps_linearly_to_beta():
+    module = VAEModule(beta=2.0, kl_warmup_epochs=2)
+
+    class Trainer:
+        num_training_batches = 10
+
+    module._trainer = Trainer()
+    weights = []
+    for step in (0, 9, 19, 50):
+        module.__dict__["_global_step"] = step
+        type(module).global_step = property(lambda self: self.__dict__["_global_step"])
+        weights.append(module.kl_weight())
+    del type(module).global_step
+    assert weights == pytest.approx([2.0 * 1 / 20, 2.0 * 10 / 20, 2.0, 2.0])
+
+
+def test_invalid_module_settings_are_rejected():
+    with pytest.raises(ValueError, match="beta > 0"):
+        VAEModule(beta=0)
+
+
+def run_fit(tmp_path: Path, *extra: str):
+    return fit(["fit", "--config", str(RECIPE), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):
+    cli = run_fit(tmp_path)
+    run = Path(cli.trainer.log_dir)
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    for image in ("samples.png", "reconstructions.png", "samples_epoch_000.png", "samples_epoch_001.png"):
+        assert (run / "images" / image).stat().st_size > 1000
+    logged = {}  # the last value of every column of the CSV log
+    with (run / "metrics.csv").open() as file:
+        for row in csv.DictReader(file):
+            logged.update({name: float(value) for name, value in row.items() if value})
+    for name in ("train/negative_elbo_epoch", "train/kl_epoch", "train/reconstruction_epoch", "train/active_units",
+                 "val/negative_elbo", "val/reconstruction", "val/kl", "val/active_units", "test/negative_elbo"):
+        assert math.isfinite(logged[name]), name
+    assert logged["test/negative_elbo"] == pytest.approx(logged["test/reconstruction"] + logged["test/kl"], rel=1e-5)
+    assert 0 <= logged["val/active_units"] <= 50
+    assert logged["val/negative_elbo"] < 784 * math.log(2)  # better than a coin-flip model
+
+
+def test_checkpoint_round_trip_gives_identical_elbo_and_samples(tmp_path):
+    cli = run_fit(tmp_path)
+    trained = cli.model.eval()
+    reloaded = load_module(str(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt")).eval()
+    assert type(reloaded) is VAEModule
+    x = next(iter(cli.datamodule.val_dataloader()))[0][:100]
+    results = []
+    for module in (trained, reloaded):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            results.append((module.objective(x), module.generate(module.sample_latents(16))))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_evaluate_and_sample_commands(tmp_path, capsys):
+    cli = run_fit(tmp_path)
+    checkpoint = Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt"
+    main(["evaluate", "--ckpt", str(checkpoint), "--k", "20"])
+    results = json.loads((checkpoint.parent.parent / "evaluation.jsonl").read_text().splitlines()[-1])
+    assert results["num_test_points"] == 10_000 and "dynamic binarisation" in results["binarization"]
+    assert "IWAE" in results["estimator"] and results["units"] == "nats per datapoint"
+    assert results["test/nll_iwae_k20"] < results["test/negative_elbo"]  # more samples, tighter bound
+    main(["sample", "--ckpt", str(checkpoint), "--n", "16", "--out", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").stat().st_size > 500
+
+
+def test_independent_elbo_implementation_agrees_with_varinf(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("independent_elbo", REPO / "benchmarks" / "independent_elbo.py")
+    independent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(independent)
+    cli = run_fit(tmp_path)
+    module = cli.model.eval()
+    x = cli.datamodule.splits["test"][0][:2000]
+    with torch.no_grad():
+        ours = module.objective.terms(x).negative_elbo.item()
+        theirs = independent.independent_negative_elbo(module.state_dict(), x).mean().item()
+    assert ours == pytest.approx(theirs, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("--model.init_args.latnt_dim=3", "latnt_dim"),
+        ("--model.init_args.latent_dim=three", "latent_dim"),
+        ("--data.init_args.binarize=sometimes", "binarize"),
+        ("--model.init_args.guide.init_args.encoder.init_args.hiden=[3]", "hiden"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_are_rejected_naming_the_key(tmp_path, capsys, override, named):
+    with pytest.raises(SystemExit) as error:
+        run_fit(tmp_path, override)
+    assert error.value.code != 0
+    assert named in capsys.readouterr().err
+
+
+def test_recipe_is_short_and_names_its_parts():
+    recipe = yaml.safe_load(RECIPE.read_text())
+    assert recipe["model"]["class_path"] == "varinf.VAEModule"
+    assert recipe["data"]["class_path"] == "varinf.MNISTDataModule"
+
+
+def test_missing_data_exits_with_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VARINF_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", str(RECIPE), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    assert "is missing" in str(error.value.code) and "Fix:" in str(error.value.code)
+
+
+def test_active_units_counts_dimensions_whose_posterior_mean_varies():
+    from varinf import ActiveUnits
+
+    metric = ActiveUnits(latent_dim=3)
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(1000, 3, generator=generator) * torch.tensor([1.0, 0.05, 0.2])
+    for chunk in means.split(300):
+        metric.update(chunk)
+    expected = (means.var(0, unbiased=False) > 0.01).sum()
+    assert metric.compute().item() == expected.item() == 2
