@@ -4,8 +4,18 @@ Every model fits p(x) by making two joints over (x, z) agree: the data side p~(x
 guide, and the model side p(z) p(x|z), a Pyro model. See THEORY.md for the maths.
 """
 
+from varinf.adversarial import (
+    ADVERSARIAL_LOSSES,
+    AdversarialLoss,
+    gradient_penalty,
+    js_from_logits,
+    kl_data_model_from_logits,
+    kl_model_data_from_logits,
+    wasserstein_from_critic,
+)
+from varinf.adversarial_modules import AAEModule, AdversarialModule, ALIModule, GANModule
 from varinf.callbacks import EpochSummary, ImageGrids
-from varinf.data import DataError, MNISTDataModule, TensorBatches, load_mnist
+from varinf.data import MNISTDataModule, RingDataModule, TensorBatches, TensorDataModule, load_mnist
 from varinf.divergences import (
     cross_entropy,
     entropy,
@@ -16,16 +26,20 @@ from varinf.divergences import (
     monte_carlo_kl,
     wasserstein_1d,
 )
+from varinf.errors import ConfigError, DataError
 from varinf.evaluation import importance_sampled_nll
 from varinf.likelihoods import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
 from varinf.metrics import ActiveUnits
 from varinf.models import LATENT, OBSERVED, GaussianEncoderGuide, LatentVariableModel, StandardNormalPrior
-from varinf.modules import VAEModule, load_module
-from varinf.networks import MLP
+from varinf.modules import GenerativeModule, VAEModule, load_module
+from varinf.networks import MLP, ConvDecoder, ConvEncoder
 from varinf.objectives import ELBOLoss, iwae_bound, log_importance_weights
 
 __all__ = [
-    "ActiveUnits", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
+    "AAEModule", "ADVERSARIAL_LOSSES", "ALIModule", "AdversarialLoss", "AdversarialModule", "ConvDecoder",
+    "ConvEncoder", "GANModule", "GenerativeModule", "RingDataModule", "TensorDataModule", "gradient_penalty",
+    "js_from_logits", "kl_data_model_from_logits", "kl_model_data_from_logits", "wasserstein_from_critic",
+    "ActiveUnits", "BernoulliLikelihood", "ConfigError", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
     "EpochSummary", "GaussianEncoderGuide", "GaussianLikelihood", "ImageGrids", "LATENT",
     "LatentVariableModel", "MLP", "MNISTDataModule", "OBSERVED", "StandardNormalPrior",
     "TensorBatches", "VAEModule", "cross_entropy", "entropy", "importance_sampled_nll", "iwae_bound",

@@ -9,18 +9,41 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import save_image
 
 
+def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> None:
+    """A PNG of samples: an image grid for image batches, a scatter plot (over ``reference``
+    points, if given) for 2-D points."""
+    samples = samples.detach().float().cpu()
+    if samples.dim() == 2 and samples.shape[1] == 2:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(4, 4))
+        if reference is not None:
+            reference = reference.detach().float().cpu()
+            axes.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgrey", label="data")
+        axes.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="model")
+        axes.set_aspect("equal")
+        axes.legend(loc="upper right", fontsize="small")
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+    else:
+        save_image(samples.clamp(0, 1), path, nrow=8)
+
+
 def run_dir(trainer: pl.Trainer) -> Path:
     """The folder of this run: the logger's version folder, or the trainer's root folder."""
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 class ImageGrids(pl.Callback):
-    """Writes PNG grids to ``<run>/images``: prior samples after every validation epoch, from the
+    """Writes PNGs to ``<run>/images``: model samples after every validation epoch, from the
     same fixed latents so that epochs are comparable, and at the end of fitting ``samples.png``
     and ``reconstructions.png`` (test images on top, their reconstructions below).
 
-    Works with any module that has ``sample_latents(n)`` and ``generate(z)``; reconstructions
-    need ``reconstruct(x)`` too.
+    Works with any :class:`~varinf.modules.GenerativeModule`; reconstructions need an encoder
+    (``guide``). For 2-D data it draws scatter plots of samples over the validation data instead.
 
     Args:
         num_samples: images per sample grid.
@@ -28,32 +51,34 @@ class ImageGrids(pl.Callback):
         seed: seeds the fixed latents.
     """
 
-    def __init__(self, num_samples: int = 64, num_reconstructions: int = 32, seed: int = 0):
-        self.num_samples, self.num_reconstructions, self.seed = num_samples, num_reconstructions, seed
+    def __init__(self, num_samples: int = 64, num_reconstructions: int = 32, num_points: int = 2000, seed: int = 0):
+        self.num_samples, self.num_reconstructions, self.num_points, self.seed = num_samples, num_reconstructions, num_points, seed
         self.fixed_latents: torch.Tensor | None = None
 
-    def _latents(self, pl_module) -> torch.Tensor:
+    def _samples(self, pl_module) -> torch.Tensor:
         if self.fixed_latents is None:
+            points = len(pl_module.model.data_shape) == 1
             devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
-                self.fixed_latents = pl_module.sample_latents(self.num_samples)
-        return self.fixed_latents.to(pl_module.device)
+                self.fixed_latents = pl_module.sample_latents(self.num_points if points else self.num_samples)
+        return pl_module.generate(self.fixed_latents.to(pl_module.device))
+
+    def _save(self, trainer, pl_module, name: str) -> None:
+        reference = trainer.datamodule.splits["val"][0][: self.num_points] if trainer.datamodule is not None else None
+        save_samples(self._samples(pl_module), self._path(trainer, name), reference)
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
-            return
-        images = pl_module.generate(self._latents(pl_module))
-        save_image(images.float().clamp(0, 1), self._path(trainer, f"samples_epoch_{trainer.current_epoch:03d}.png"), nrow=8)
+        if not trainer.sanity_checking:
+            self._save(trainer, pl_module, f"samples_epoch_{trainer.current_epoch:03d}.png")
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module):
-        save_image(pl_module.generate(self._latents(pl_module)).float().clamp(0, 1), self._path(trainer, "samples.png"), nrow=8)
-        if hasattr(pl_module, "reconstruct") and trainer.datamodule is not None:
+        self._save(trainer, pl_module, "samples.png")
+        if hasattr(pl_module, "guide") and len(pl_module.model.data_shape) == 3 and trainer.datamodule is not None:
             x = next(iter(trainer.datamodule.test_dataloader()))[0][: self.num_reconstructions].to(pl_module.device)
-            grid = torch.cat([x, pl_module.reconstruct(x)]).float().clamp(0, 1)
-            save_image(grid, self._path(trainer, "reconstructions.png"), nrow=8)
+            save_samples(torch.cat([x, pl_module.reconstruct(x)]), self._path(trainer, "reconstructions.png"))
 
     @staticmethod
     def _path(trainer, name: str) -> Path:

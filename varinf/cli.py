@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
-from torchvision.utils import save_image
 
-from varinf.data import DataError
+from varinf.callbacks import save_samples
+from varinf.errors import ConfigError, DataError
 from varinf.evaluation import append_results, evaluate_likelihood
 from varinf.modules import load_module
 
@@ -30,7 +30,17 @@ TRAINER_DEFAULTS = {
 
 
 class VarinfCLI(LightningCLI):
-    """LightningCLI that tests the best checkpoint after fitting."""
+    """LightningCLI that tests the best checkpoint after fitting, and reports a bad setting found
+    while building the model or data as the :class:`ConfigError` it is."""
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse wraps errors raised by constructors
+            cause = error
+            while cause is not None and not isinstance(cause, (ConfigError, DataError)):
+                cause = cause.__cause__ or cause.__context__
+            raise cause or error
 
     def after_fit(self) -> None:
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
@@ -59,6 +69,11 @@ def _datamodule_from_checkpoint(checkpoint_path: str, data_dir: str | None) -> L
     return getattr(importlib.import_module(module_name), class_name)(**hparams)
 
 
+def _check_checkpoint(parser: argparse.ArgumentParser, path: str) -> None:
+    if not Path(path).is_file():
+        parser.error(f"no checkpoint at {path}; `varinf fit` writes them to runs/<name>/version_N/checkpoints/")
+
+
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -73,6 +88,7 @@ def evaluate(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.k < 1:
         parser.error(f"--k must be at least 1, got {args.k}")
+    _check_checkpoint(parser, args.ckpt)
     module = load_module(args.ckpt, map_location=_device())
     datamodule = _datamodule_from_checkpoint(args.ckpt, args.data_dir)
     datamodule.setup("test")
@@ -92,10 +108,10 @@ def sample(argv: list[str]) -> None:
     parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
+    _check_checkpoint(parser, args.ckpt)
     module = load_module(args.ckpt, map_location=_device()).eval()
     torch.manual_seed(args.seed)
-    images = module.generate(module.sample_latents(args.n))
-    save_image(images.float().clamp(0, 1), args.out, nrow=8)
+    save_samples(module.generate(module.sample_latents(args.n)), Path(args.out))
     print(f"Wrote {args.n} samples to {args.out}")
 
 
@@ -110,5 +126,5 @@ def main(argv: list[str] | None = None) -> None:
             command(args[1:])
         else:
             fit(argv)
-    except DataError as error:
-        sys.exit(f"varinf: {error}")
+    except (ConfigError, DataError) as error:
+        sys.exit(f"varinf: error: {error}")

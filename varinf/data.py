@@ -1,4 +1,5 @@
-"""MNIST from the four official IDX files, read offline, verified, and served from the device.
+"""Data modules: MNIST from the four official IDX files, read offline and verified, and a 2-D ring
+of Gaussians for fast checks; both served as slices of tensors on the training device.
 
 Where the files are looked for, in this order (the first location that is set is the one used):
 
@@ -13,6 +14,7 @@ the chosen folder.
 
 import gzip
 import hashlib
+import math
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -25,6 +27,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+
+from varinf.errors import ConfigError, DataError
 
 FILE_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -46,10 +50,6 @@ CHECKSUMS = {
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 Binarization = Literal["dynamic", "static", "none"]
-
-
-class DataError(RuntimeError):
-    """A data file is missing, truncated, corrupt or not what it claims to be."""
 
 
 def default_data_dir() -> Path:
@@ -195,74 +195,41 @@ class TensorBatches:
             yield self.transform(self.images[indices]), self.labels[indices]
 
 
-class MNISTDataModule(pl.LightningDataModule):
-    """MNIST (or any dataset with the same four IDX files) as a 55k/5k/10k train/val/test split.
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """A data module whose splits are whole tensors, served as device-resident slices.
+
+    Subclasses fill ``self.splits`` (name -> (data, labels)) in ``load_splits`` and may transform
+    training batches as they are served (``train_transform``). Batches are slices of tensors on
+    the training device (:class:`TensorBatches`), or come from a ``DataLoader`` for distributed
+    training, which needs a ``DistributedSampler``.
 
     Args:
-        data_dir: folder with the IDX files; ``None`` looks at ``$VARINF_DATA_DIR``, then the cache.
-        dataset: ``"mnist"`` enforces the official MD5 checksums; any other name only checks the format.
-        binarize: ``dynamic`` draws ``x ~ Bernoulli(intensity)`` afresh every time a training batch
-            is served (the standard for reported likelihoods; the validation and test sets get one
-            draw, seeded by ``seed``, so that their metrics are comparable across epochs and runs);
-            ``static`` makes one seeded draw for every split, fixed for good; ``none`` keeps the
-            intensities in [0, 1].
         batch_size: training batch size; ``eval_batch_size`` for validation and test.
-        val_size: images held out of the 60k training files for validation.
-        seed: seeds the train/val split and the fixed binarisation draws.
-        download: fetch the official files through torchvision if they are missing (needs internet).
-        use_dataloader: serve batches through a ``DataLoader`` (for distributed training, which
-            needs a ``DistributedSampler``) instead of from device-resident tensors. ``None`` picks
-            the DataLoader only when training runs in more than one process.
+        use_dataloader: serve batches through a ``DataLoader`` instead of device-resident tensors.
+            ``None`` picks the DataLoader only when training runs in more than one process.
     """
 
-    def __init__(
-        self,
-        data_dir: str | None = None,
-        dataset: str = "mnist",
-        binarize: Binarization = "dynamic",
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
-        val_size: int = 5000,
-        seed: int = 0,
-        download: bool = False,
-        use_dataloader: bool | None = None,
-    ):
+    data_shape: tuple[int, ...]
+
+    def __init__(self, batch_size: int, eval_batch_size: int, use_dataloader: bool | None):
         super().__init__()
-        if binarize not in ("dynamic", "static", "none"):
-            raise ValueError(f"binarize must be 'dynamic', 'static' or 'none', got {binarize!r}.")
-        self.save_hyperparameters()
-        self.data_dir, self.dataset, self.binarize = data_dir, dataset, binarize
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.val_size, self.seed, self.download = val_size, seed, download
-        self.use_dataloader = use_dataloader
+        self.batch_size, self.eval_batch_size, self.use_dataloader = batch_size, eval_batch_size, use_dataloader
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
-    data_shape = (1, *IMAGE_SHAPE)
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        raise NotImplementedError
 
-    def prepare_data(self) -> None:
-        if self.download:
-            load_mnist(self.data_dir, self.dataset, download=True)
+    def train_transform(self, x: Tensor) -> Tensor:
+        """Applied to each training batch as it is served."""
+        return x
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
-        arrays = load_mnist(self.data_dir, self.dataset)
-        generator = torch.Generator().manual_seed(self.seed)
-        train_images = arrays["train_images"].unsqueeze(1).float() / 255
-        test_images = arrays["test_images"].unsqueeze(1).float() / 255
-        if not 0 < self.val_size < len(train_images):
-            raise ValueError(f"val_size must be between 1 and {len(train_images) - 1}, got {self.val_size}.")
-        order = torch.randperm(len(train_images), generator=generator)
-        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        splits = {
-            "train": (train_images[train_idx], arrays["train_labels"][train_idx]),
-            "val": (train_images[val_idx], arrays["train_labels"][val_idx]),
-            "test": (test_images, arrays["test_labels"]),
-        }
-        for name, (images, labels) in splits.items():
-            if self.binarize == "static" or (self.binarize == "dynamic" and name != "train"):
-                images = torch.bernoulli(images, generator=generator)
-            self.splits[name] = (images.to(self.device), labels.long().to(self.device))
+        if not self.splits:
+            self.splits = {name: (x.to(self.device), y.to(self.device)) for name, (x, y) in self.load_splits().items()}
 
     @property
     def device(self) -> torch.device:
@@ -276,19 +243,16 @@ class MNISTDataModule(pl.LightningDataModule):
             return self.use_dataloader
         return self.trainer is not None and self.trainer.world_size > 1
 
-    def _transform(self, train: bool) -> Callable[[Tensor], Tensor]:
-        return torch.bernoulli if train and self.binarize == "dynamic" else _identity
-
     def _batches(self, split: str, batch_size: int, train: bool):
-        images, labels = self.splits[split]
-        transform = self._transform(train)
+        data, labels = self.splits[split]
+        transform = self.train_transform if train else _identity
         if self._serves_dataloader():
             def collate(items):
                 x, y = torch.utils.data.default_collate(items)
                 return transform(x), y
 
-            return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=train, collate_fn=collate)
-        return TensorBatches(images, labels, batch_size, shuffle=train, transform=transform)
+            return DataLoader(TensorDataset(data, labels), batch_size=batch_size, shuffle=train, collate_fn=collate)
+        return TensorBatches(data, labels, batch_size, shuffle=train, transform=transform)
 
     def train_dataloader(self):
         return self._batches("train", self.batch_size, train=True)
@@ -299,6 +263,72 @@ class MNISTDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._batches("test", self.eval_batch_size, train=False)
 
+
+class MNISTDataModule(TensorDataModule):
+    """MNIST (or any dataset with the same four IDX files) as a 55k/5k/10k train/val/test split.
+
+    Args:
+        data_dir: folder with the IDX files; ``None`` looks at ``$VARINF_DATA_DIR``, then the cache.
+        dataset: ``"mnist"`` enforces the official MD5 checksums; any other name only checks the format.
+        binarize: ``dynamic`` draws ``x ~ Bernoulli(intensity)`` afresh every time a training batch
+            is served (the standard for reported likelihoods; the validation and test sets get one
+            draw, seeded by ``seed``, so that their metrics are comparable across epochs and runs);
+            ``static`` makes one seeded draw for every split, fixed for good; ``none`` keeps the
+            intensities in [0, 1].
+        val_size: images held out of the 60k training files for validation.
+        seed: seeds the train/val split and the fixed binarisation draws.
+        download: fetch the official files through torchvision if they are missing (needs internet).
+        batch_size, eval_batch_size, use_dataloader: see :class:`TensorDataModule`.
+    """
+
+    data_shape = (1, *IMAGE_SHAPE)
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        dataset: str = "mnist",
+        binarize: Binarization = "dynamic",
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        seed: int = 0,
+        download: bool = False,
+        use_dataloader: bool | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, use_dataloader)
+        if binarize not in ("dynamic", "static", "none"):
+            raise ConfigError(f"binarize must be 'dynamic', 'static' or 'none', got {binarize!r}.")
+        self.save_hyperparameters()
+        self.data_dir, self.dataset, self.binarize = data_dir, dataset, binarize
+        self.val_size, self.seed, self.download = val_size, seed, download
+
+    def prepare_data(self) -> None:
+        if self.download:
+            load_mnist(self.data_dir, self.dataset, download=True)
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        arrays = load_mnist(self.data_dir, self.dataset)
+        generator = torch.Generator().manual_seed(self.seed)
+        train_images = arrays["train_images"].unsqueeze(1).float() / 255
+        test_images = arrays["test_images"].unsqueeze(1).float() / 255
+        if not 0 < self.val_size < len(train_images):
+            raise ConfigError(f"val_size must be between 1 and {len(train_images) - 1}, got {self.val_size}.")
+        order = torch.randperm(len(train_images), generator=generator)
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        splits = {
+            "train": (train_images[train_idx], arrays["train_labels"][train_idx]),
+            "val": (train_images[val_idx], arrays["train_labels"][val_idx]),
+            "test": (test_images, arrays["test_labels"]),
+        }
+        for name, (images, labels) in splits.items():
+            if self.binarize == "static" or (self.binarize == "dynamic" and name != "train"):
+                images = torch.bernoulli(images, generator=generator)
+            splits[name] = (images, labels.long())
+        return splits
+
+    def train_transform(self, x: Tensor) -> Tensor:
+        return torch.bernoulli(x) if self.binarize == "dynamic" else x
+
     def describe_binarization(self) -> str:
         """One line naming the binarisation, for reports."""
         return {
@@ -308,5 +338,44 @@ class MNISTDataModule(pl.LightningDataModule):
         }[self.binarize]
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
+class RingDataModule(TensorDataModule):
+    """A ring of Gaussians in 2-D: ``num_modes`` means equally spaced on a circle of ``radius``, each
+    with covariance ``std^2 I`` (Metz et al. 2017). A fast check of mode coverage; labels are
+    the mode indices.
+
+    Args:
+        num_modes, radius, std: the mixture.
+        sizes: number of points in the train, val and test splits.
+        seed: seeds the draws.
+        batch_size, eval_batch_size, use_dataloader: see :class:`TensorDataModule`.
+    """
+
+    data_shape = (2,)
+
+    def __init__(
+        self,
+        num_modes: int = 8,
+        radius: float = 2.0,
+        std: float = 0.02,
+        sizes: tuple[int, int, int] = (50_000, 5_000, 5_000),
+        seed: int = 0,
+        batch_size: int = 256,
+        eval_batch_size: int = 5000,
+        use_dataloader: bool | None = None,
+    ):
+        super().__init__(batch_size, eval_batch_size, use_dataloader)
+        self.save_hyperparameters()
+        self.num_modes, self.radius, self.std, self.sizes, self.seed = num_modes, radius, std, tuple(sizes), seed
+
+    def centers(self) -> Tensor:
+        """The mode means, shape ``(num_modes, 2)``."""
+        angles = 2 * math.pi * torch.arange(self.num_modes) / self.num_modes
+        return self.radius * torch.stack([angles.cos(), angles.sin()], 1)
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        splits = {}
+        for name, size in zip(("train", "val", "test"), self.sizes):
+            modes = torch.randint(self.num_modes, (size,), generator=generator)
+            splits[name] = (self.centers()[modes] + self.std * torch.randn(size, 2, generator=generator), modes)
+        return splits

@@ -10,6 +10,7 @@ from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor
 
 from varinf.callbacks import EpochSummary, ImageGrids
+from varinf.errors import ConfigError
 from varinf.metrics import ActiveUnits
 from varinf.models import GaussianEncoderGuide, GuideFactory, LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, KLEstimator
@@ -17,7 +18,41 @@ from varinf.objectives import ELBOLoss, KLEstimator
 STAGES = ("train", "val", "test")
 
 
-class VAEModule(pl.LightningModule):
+class GenerativeModule(pl.LightningModule):
+    """What every varinf LightningModule shares: the model side ``self.model`` (a
+    :class:`~varinf.models.LatentVariableModel`), optionally a guide ``self.guide``, sampling and
+    reconstructing, and the default callbacks.
+
+    Subclasses set ``checkpoint_monitor``, the validation metric (lower is better) that picks
+    ``best.ckpt``; without one, the latest epoch is kept beside ``last.ckpt``.
+    """
+
+    checkpoint_monitor: str | None = None
+
+    def configure_callbacks(self):
+        if self.checkpoint_monitor:
+            checkpoint = ModelCheckpoint(monitor=self.checkpoint_monitor, mode="min", filename="best", save_last=True)
+        else:
+            checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
+        return [checkpoint, ImageGrids(), EpochSummary()]
+
+    @torch.no_grad()
+    def sample_latents(self, num_samples: int) -> Tensor:
+        """``z ~ p(z)``, shape ``(num_samples, latent_dim)``, on the module's device."""
+        return self.model.prior().sample((num_samples,))
+
+    @torch.no_grad()
+    def generate(self, z: Tensor) -> Tensor:
+        """Decode latents to data: the mean of ``p(x|z)`` (a GAN's generator output)."""
+        return self.model.generate(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the posterior mean of each x (for modules with an encoder, ``self.guide``)."""
+        return self.model.generate(self.guide.posterior(x).mean)
+
+
+class VAEModule(GenerativeModule):
     """A VAE trained by maximising the ELBO: the data side ``p~(x) q(z|x)`` (the guide) against the
     model side ``p(z) p(x|z)`` (the model), Kingma & Welling (2014).
 
@@ -38,6 +73,8 @@ class VAEModule(pl.LightningModule):
         optimizer: builds the torch optimiser from the parameters.
     """
 
+    checkpoint_monitor = "val/negative_elbo"
+
     def __init__(
         self,
         data_shape: Sequence[int] = (1, 28, 28),
@@ -52,7 +89,7 @@ class VAEModule(pl.LightningModule):
     ):
         super().__init__()
         if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1:
-            raise ValueError(
+            raise ConfigError(
                 "VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1 and latent_dim >= 1; "
                 f"got beta={beta}, kl_warmup_epochs={kl_warmup_epochs}, num_particles={num_particles}, latent_dim={latent_dim}."
             )
@@ -96,26 +133,6 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())
-
-    def configure_callbacks(self):
-        checkpoint = ModelCheckpoint(monitor="val/negative_elbo", mode="min", filename="best", save_last=True, auto_insert_metric_name=False)
-        return [checkpoint, ImageGrids(), EpochSummary()]
-
-    # What the image callback and the CLI's `sample` need from a generative module.
-    @torch.no_grad()
-    def sample_latents(self, num_samples: int) -> Tensor:
-        """``z ~ p(z)``, shape ``(num_samples, latent_dim)``, on the module's device."""
-        return self.model.prior().sample((num_samples,))
-
-    @torch.no_grad()
-    def generate(self, z: Tensor) -> Tensor:
-        """Decode latents to images: the mean of ``p(x|z)``."""
-        return self.model.generate(z)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decode the posterior mean of each x."""
-        return self.model.generate(self.guide.posterior(x).mean)
 
 
 def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:

@@ -52,3 +52,79 @@ class MLP(nn.Module):
         if tuple(x.shape[len(batch_shape) :]) != self.in_shape:
             raise ValueError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
         return self.layers(x.reshape(*batch_shape, -1)).reshape(*batch_shape, *self.out_shape)
+
+
+def _normalization(kind: str, channels: int, dims: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+    return nn.Identity()
+
+
+class ConvEncoder(nn.Module):
+    """DCGAN-style convolutional network from images to a vector (Radford et al. 2016).
+
+    Two stride-2 4x4 convolutions (``channels``, ``2 * channels``) with leaky ReLUs, then a linear
+    layer: a discriminator (``out_shape=(1,)``) or an encoder (``out_shape=(2, latent_dim)``).
+    Image sides must be divisible by 4 (28x28 MNIST gives 7x7 features).
+
+    Args:
+        in_shape: ``(C, H, W)``.
+        out_shape: shape of one output.
+        channels: width of the first convolution.
+        normalization: ``"batch"`` or ``"none"`` (use none in a gradient-penalised critic).
+    """
+
+    def __init__(self, in_shape: Shape, out_shape: Shape, channels: int = 64, normalization: Literal["batch", "none"] = "none"):
+        super().__init__()
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        c, h, w = self.in_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"ConvEncoder needs image sides divisible by 4, got {self.in_shape}.")
+        self.layers = nn.Sequential(
+            nn.Conv2d(c, channels, 4, 2, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(channels, 2 * channels, 4, 2, 1),
+            _normalization(normalization, 2 * channels, 2),
+            nn.LeakyReLU(0.2),
+            nn.Flatten(),
+            nn.Linear(2 * channels * (h // 4) * (w // 4), math.prod(self.out_shape)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch_shape = x.shape[: x.dim() - 3]
+        return self.layers(x.reshape(-1, *self.in_shape)).reshape(*batch_shape, *self.out_shape)
+
+
+class ConvDecoder(nn.Module):
+    """DCGAN-style convolutional generator from a vector to images (Radford et al. 2016).
+
+    A linear layer to ``2 * channels`` maps of a quarter of the image size, then two stride-2 4x4
+    transposed convolutions, with ReLUs; the output is unbounded (logits or means).
+
+    Args:
+        in_shape: shape of one input, e.g. ``(latent_dim,)``.
+        out_shape: ``(C, H, W)`` with H and W divisible by 4.
+        channels: width of the last hidden layer.
+        normalization: ``"batch"`` (the DCGAN default) or ``"none"``.
+    """
+
+    def __init__(self, in_shape: Shape, out_shape: Shape, channels: int = 64, normalization: Literal["batch", "none"] = "batch"):
+        super().__init__()
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        c, h, w = self.out_shape
+        if h % 4 or w % 4:
+            raise ValueError(f"ConvDecoder needs image sides divisible by 4, got {self.out_shape}.")
+        self.layers = nn.Sequential(
+            nn.Linear(math.prod(self.in_shape), 2 * channels * (h // 4) * (w // 4)),
+            _normalization(normalization, 2 * channels * (h // 4) * (w // 4), 1),
+            nn.ReLU(),
+            nn.Unflatten(1, (2 * channels, h // 4, w // 4)),
+            nn.ConvTranspose2d(2 * channels, channels, 4, 2, 1),
+            _normalization(normalization, channels, 2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, c, 4, 2, 1),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        batch_shape = z.shape[: z.dim() - len(self.in_shape)]
+        return self.layers(z.reshape(-1, math.prod(self.in_shape))).reshape(*batch_shape, *self.out_shape)

@@ -1,0 +1,174 @@
+"""Adversarial losses, divergence read-outs and the GAN/AAE/ALI modules, against THEORY.md."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+from scipy.stats import norm
+
+from varinf import (
+    ADVERSARIAL_LOSSES,
+    MLP,
+    AAEModule,
+    ALIModule,
+    ConfigError,
+    ConvEncoder,
+    GANModule,
+    GaussianEncoderGuide,
+    LatentVariableModel,
+    gradient_penalty,
+    js,
+    js_from_logits,
+    kl,
+    kl_data_model_from_logits,
+    kl_model_data_from_logits,
+    wasserstein_from_critic,
+)
+from varinf.adversarial import d_hinge, d_least_squares, d_minimax, d_wasserstein, g_minimax, g_non_saturating
+
+
+def test_value_at_the_optimal_discriminator_is_2_js_minus_log_4():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        p, q = torch.rand(2, 12, generator=generator, dtype=torch.float64).softmax(-1)
+        optimal = p / (p + q)  # D*(x) = p_data / (p_data + p_g)
+        value = (p * optimal.log()).sum() + (q * (1 - optimal).log()).sum()
+        assert value.item() == pytest.approx(2 * js(p, q).item() - math.log(4), rel=1e-12)
+    assert (0.5 * math.log(0.5) * 2) == pytest.approx(-math.log(4) / 2)  # p = q: D* = 1/2, V = -log 4
+
+
+def test_readouts_from_optimal_logits_recover_kl_and_js_on_samples():
+    generator = torch.Generator().manual_seed(1)
+    p, q = torch.rand(2, 6, generator=generator, dtype=torch.float64).softmax(-1)
+    logits = p.log() - q.log()  # logit D* = log p_data - log p_g
+    real = logits[torch.multinomial(p, 400_000, replacement=True, generator=generator)]
+    fake = logits[torch.multinomial(q, 400_000, replacement=True, generator=generator)]
+    assert kl_data_model_from_logits(real).item() == pytest.approx(kl(p, q).item(), abs=0.01)
+    assert kl_model_data_from_logits(fake).item() == pytest.approx(kl(q, p).item(), abs=0.01)
+    assert js_from_logits(real, fake).item() == pytest.approx(js(p, q).item(), abs=0.005)
+
+
+def test_loss_pairs_at_known_points():
+    zero = torch.zeros(4)
+    assert d_minimax(zero, zero).item() == pytest.approx(2 * math.log(2))
+    assert g_minimax(zero).item() == pytest.approx(-math.log(2))
+    assert g_non_saturating(zero).item() == pytest.approx(math.log(2))
+    assert d_least_squares(torch.ones(3), torch.zeros(3)).item() == 0
+    assert d_hinge(torch.full((3,), 2.0), torch.full((3,), -2.0)).item() == 0
+    assert d_wasserstein(torch.tensor([3.0]), torch.tensor([1.0])).item() == -2
+    # the non-saturating loss keeps its gradient where the saturating one vanishes (D(G(z)) -> 0)
+    fake = torch.tensor([-10.0], requires_grad=True)
+    (saturating,) = torch.autograd.grad(g_minimax(fake), fake)
+    (non_saturating,) = torch.autograd.grad(g_non_saturating(fake), fake)
+    assert abs(saturating.item()) < 1e-4 < abs(non_saturating.item())
+
+
+def test_gradient_penalty_of_a_linear_critic_is_closed_form_and_fp32_under_autocast():
+    weights = torch.tensor([3.0, 4.0])  # ||grad f|| = 5 everywhere
+    critic = lambda x: x @ weights  # noqa: E731
+    real, fake = torch.randn(64, 2), torch.randn(64, 2)
+    assert gradient_penalty(critic, real, fake).item() == pytest.approx(16.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        penalty = gradient_penalty(critic, real.bfloat16(), fake.bfloat16())
+    assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(16.0)
+
+
+def train_discriminator(loss, real_sampler, fake_sampler, steps, penalty_weight=0.0, lr=1e-3):
+    torch.manual_seed(0)
+    network = MLP((1,), (1,), hidden=(64, 64))
+    critic = lambda x: network(x).squeeze(-1)  # noqa: E731
+    optimizer = torch.optim.Adam(network.parameters(), lr=lr, betas=(0.5, 0.9))
+    for _ in range(steps):
+        real, fake = real_sampler(512), fake_sampler(512)
+        value = loss(critic(real), critic(fake))
+        if penalty_weight:
+            value = value + penalty_weight * gradient_penalty(critic, real, fake)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return critic(real_sampler(200_000)), critic(fake_sampler(200_000))
+
+
+def test_trained_discriminator_recovers_kl_and_js_of_two_gaussians():
+    """N(0, 1) vs N(1, 1): KL = 1/2 both ways; JS by quadrature. Tolerance 0.05 nats."""
+    real_out, fake_out = train_discriminator(d_minimax, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 1, steps=1500)
+    p, q = norm(0, 1).pdf, norm(1, 1).pdf
+    m = lambda x: (p(x) + q(x)) / 2  # noqa: E731
+    js_exact = integrate.quad(lambda x: 0.5 * p(x) * np.log(p(x) / m(x)) + 0.5 * q(x) * np.log(q(x) / m(x)), -12, 13)[0]
+    assert kl_data_model_from_logits(real_out).item() == pytest.approx(0.5, abs=0.05)
+    assert kl_model_data_from_logits(fake_out).item() == pytest.approx(0.5, abs=0.05)
+    assert js_from_logits(real_out, fake_out).item() == pytest.approx(js_exact, abs=0.02)
+
+
+def test_gradient_penalised_critic_recovers_the_mean_gap():
+    """W1(N(0, 1), N(2, 1)) = |m1 - m2| = 2; tolerance 0.1."""
+    real_out, fake_out = train_discriminator(
+        d_wasserstein, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 2, steps=1500, penalty_weight=10.0
+    )
+    assert wasserstein_from_critic(real_out, fake_out).item() == pytest.approx(2.0, abs=0.1)
+
+
+def small_aae(**kwargs):
+    network = lambda i, o: MLP(i, o, hidden=(16,))  # noqa: E731
+    return AAEModule(
+        latent_dim=4,
+        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network),
+        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=network),
+        discriminator=network,
+        **kwargs,
+    )
+
+
+def test_aae_phases_train_exactly_their_networks():
+    module = small_aae()
+    x = torch.rand(8, 1, 28, 28)
+    networks = {"encoder": module.guide, "decoder": module.model, "discriminator": module.discriminator}
+    expected = {"autoencoder": {"encoder", "decoder"}, "discriminator": {"discriminator"}, "encoder": {"encoder"}}
+    phases = module.per_batch_phases(x) + module.generator_phases(x)
+    assert [name for name, _ in phases] == ["autoencoder", "discriminator", "encoder"]  # the paper's order
+    for name, phase in phases:
+        module.zero_grad(set_to_none=True)
+        with module.trainable(name):
+            phase().backward()
+        got = {net for net, m in networks.items() if any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())}
+        assert got == expected[name], name
+        assert all(p.requires_grad for p in module.parameters())  # restored afterwards
+
+
+def test_gan_and_ali_phases_train_exactly_their_networks():
+    network = lambda i, o: MLP(i, o, hidden=(16,))  # noqa: E731
+    model = lambda shape, dim: LatentVariableModel(shape, dim, decoder=network)  # noqa: E731
+    gan = GANModule(latent_dim=4, model=model, discriminator=network)
+    ali = ALIModule(latent_dim=4, model=model, guide=lambda s, d: GaussianEncoderGuide(s, d, encoder=network), discriminator=network)
+    x = torch.rand(8, 1, 28, 28)
+    for module, trained in ((gan, {"generator": ["model"]}), (ali, {"generator": ["model", "guide"]})):
+        for name, phase in module.per_batch_phases(x) + module.generator_phases(x):
+            module.zero_grad(set_to_none=True)
+            with module.trainable(name):
+                phase().backward()
+            with_grad = {child for child, m in module.named_children() if any(p.grad is not None for p in m.parameters())}
+            assert with_grad == set(trained.get(name, ["discriminator"])), (type(module).__name__, name)
+
+
+def test_batch_norm_in_a_gradient_penalised_critic_is_rejected_with_the_fix():
+    with pytest.raises(ConfigError, match="normalization: none"):
+        GANModule(loss="wasserstein_gp", discriminator=lambda i, o: ConvEncoder(i, o, normalization="batch"))
+    GANModule(loss="wasserstein_gp", discriminator=lambda i, o: ConvEncoder(i, o, normalization="none"))
+    GANModule(loss="non_saturating", discriminator=lambda i, o: ConvEncoder(i, o, normalization="batch"))
+
+
+def test_unknown_loss_and_optimiser_names_are_rejected():
+    with pytest.raises(ConfigError, match="choose one of"):
+        GANModule(loss="wasserstein_gp_typo")
+    with pytest.raises(ConfigError, match="grad_clip names unknown"):
+        GANModule(grad_clip={"critic": 1.0})
+
+
+def test_every_registered_loss_has_a_readout_rule():
+    readouts = {name: loss.readout for name, loss in ADVERSARIAL_LOSSES.items()}
+    assert readouts["minimax"] == readouts["non_saturating"] == "density_ratio"
+    assert readouts["wasserstein"] == readouts["wasserstein_gp"] == "critic"
+    assert ADVERSARIAL_LOSSES["wasserstein_gp"].gradient_penalty and not ADVERSARIAL_LOSSES["wasserstein"].gradient_penalty

@@ -1,0 +1,384 @@
+"""The adversarial family as LightningModules: GAN, AAE and ALI/BiGAN.
+
+Each model names the two distributions it matches (its "real" and "fake" sides) and estimates the
+divergence between them with a discriminator or critic (THEORY.md, section 2):
+
+| module | real side | fake side | discriminator sees |
+| --- | --- | --- | --- |
+| GANModule | x ~ p_data | x = G(z), z ~ p(z) | x |
+| AAEModule | z ~ p(z) | z ~ q(z\\|x), x ~ p_data | z |
+| ALIModule | (x, z), x ~ p_data, z ~ q(z\\|x) | (G(z), z), z ~ p(z) | (x, z) |
+
+Training uses manual optimisation in named phases, a separate optimiser per network, and
+``n_critic`` discriminator steps per generator step. Metric names are hierarchical:
+``{stage}/D/loss``, ``{stage}/G/loss``, ``{stage}/divergence/{kl_data_model,kl_model_data,js,w1}``.
+"""
+
+import math
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from varinf.adversarial import ADVERSARIAL_LOSSES, DIVERGENCE_READOUTS, gradient_penalty
+from varinf.errors import ConfigError
+from varinf.models import GaussianEncoderGuide, GuideFactory, LatentVariableModel, ModelFactory
+from varinf.modules import GenerativeModule
+from varinf.networks import MLP, NetworkFactory
+
+
+class AdversarialModule(GenerativeModule):
+    """Shared machinery: a discriminator (or critic) that tells the real side from the fake side.
+
+    Subclasses build ``self.model`` (the generative side), ``self.discriminator`` and
+    ``self.optimizer_factories`` (optimiser name -> (factory, networks it trains)), and implement
+    ``sides(x) -> (real, fake)`` and ``generator_phases(x)``. A phase is a pair (optimiser name,
+    loss thunk); ``per_batch_phases`` run on every batch, ``generator_phases`` every ``n_critic``.
+
+    Args:
+        loss: name of the adversarial loss (:data:`varinf.adversarial.ADVERSARIAL_LOSSES`).
+        n_critic: discriminator steps per generator step.
+        gradient_penalty_weight: lambda of the WGAN-GP penalty (used with ``wasserstein_gp``).
+        weight_clip: clip every discriminator weight to ``[-c, c]`` after each step (WGAN: 0.01).
+        grad_clip: maximum gradient norm per optimiser name, e.g. ``{discriminator: 1.0}``.
+        scheduler: builds a learning-rate scheduler for every optimiser, stepped once per epoch.
+        max_generator_steps: stop after this many generator steps (a budget independent of
+            ``n_critic``, unlike Lightning's ``max_steps``, which counts every optimiser step).
+    """
+
+    def __init__(
+        self,
+        loss: str,
+        n_critic: int,
+        gradient_penalty_weight: float,
+        weight_clip: float | None,
+        grad_clip: dict[str, float] | None,
+        scheduler: LRSchedulerCallable | None,
+        max_generator_steps: int | None,
+    ):
+        super().__init__()
+        if loss not in ADVERSARIAL_LOSSES:
+            raise ConfigError(f"Unknown adversarial loss {loss!r}; choose one of {sorted(ADVERSARIAL_LOSSES)}.")
+        if n_critic < 1:
+            raise ConfigError(f"n_critic must be at least 1, got {n_critic}.")
+        self.automatic_optimization = False
+        self.loss_name, self.loss = loss, ADVERSARIAL_LOSSES[loss]
+        self.n_critic, self.gradient_penalty_weight, self.weight_clip = n_critic, gradient_penalty_weight, weight_clip
+        self.grad_clip, self.scheduler_factory = dict(grad_clip or {}), scheduler
+        self.max_generator_steps = max_generator_steps
+        self.generator_steps = 0
+
+    def check_discriminator(self) -> None:
+        """Reject batch normalisation in a gradient-penalised critic: the penalty is per sample,
+        and batch norm makes each output depend on the whole batch (Gulrajani et al. 2017, 4)."""
+        if self.loss.gradient_penalty and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.discriminator.modules()):
+            raise ConfigError(
+                f"The discriminator of {type(self).__name__} uses batch normalisation, which a gradient-penalised critic "
+                "(loss: wasserstein_gp) must not have. Fix: set `normalization: none` in the discriminator's init_args "
+                "(or use layer norm), or choose a loss without a gradient penalty."
+            )
+        unknown = set(self.grad_clip) - set(self.optimizer_factories)
+        if unknown:
+            raise ConfigError(f"grad_clip names unknown optimisers {sorted(unknown)}; the optimisers are {sorted(self.optimizer_factories)}.")
+
+    def discriminate(self, side: Tensor) -> Tensor:
+        """Discriminator logits (or critic values), one per sample."""
+        return self.discriminator(side).reshape(side.shape[0])
+
+    def discriminator_phase(self, x: Tensor) -> Tensor:
+        """The discriminator's loss on the real side against detached fakes (plus its penalty)."""
+        with torch.no_grad():
+            real, fake = self.sides(x)
+        real_out, fake_out = self.discriminate(real), self.discriminate(fake)
+        loss = self.loss.discriminator(real_out, fake_out)
+        self._log("D/loss", loss)
+        if self.loss.gradient_penalty:
+            penalty = gradient_penalty(self.discriminate, real, fake)
+            self._log("D/gradient_penalty", penalty)
+            loss = loss + self.gradient_penalty_weight * penalty
+        self.log_divergences(real_out.detach(), fake_out.detach())
+        return loss
+
+    def log_divergences(self, real_out: Tensor, fake_out: Tensor) -> None:
+        """Log the divergence estimates that this loss's discriminator outputs support."""
+        for name, readout in DIVERGENCE_READOUTS[self.loss.readout].items():
+            self._log(f"divergence/{name}", readout(real_out, fake_out))
+
+    def _log(self, name: str, value: Tensor) -> None:
+        stage = "train" if self.training else self._evaluation_stage
+        self.log(f"{stage}/{name}", value, on_step=self.training, on_epoch=True, batch_size=self._batch_size)
+
+    # --- the training loop -------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizers = [factory(nn.ModuleList(networks).parameters()) for factory, networks in self.optimizer_factories.values()]
+        if self.scheduler_factory is None:
+            return optimizers
+        return optimizers, [self.scheduler_factory(optimizer) for optimizer in optimizers]
+
+    def optimizer(self, name: str):
+        return self.optimizers()[list(self.optimizer_factories).index(name)]
+
+    @contextmanager
+    def trainable(self, name: str):
+        """Within the block, only the networks of optimiser ``name`` take gradients."""
+        trained = {id(p) for network in self.optimizer_factories[name][1] for p in network.parameters()}
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        for parameter, _ in flags:
+            parameter.requires_grad_(id(parameter) in trained)
+        try:
+            yield
+        finally:
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+
+    def optimization_step(self, name: str, phase) -> None:
+        """Run one phase with only optimiser ``name``'s networks trainable, then step it."""
+        optimizer = self.optimizer(name)
+        with self.trainable(name):
+            loss = phase()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            if name in self.grad_clip:
+                self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
+            optimizer.step()
+
+    def per_batch_phases(self, x: Tensor) -> list:
+        """The phases run on every batch, as ``(optimiser name, loss thunk)``: the discriminator's."""
+        return [("discriminator", lambda: self.discriminator_phase(x))]
+
+    def generator_phase(self, x: Tensor) -> Tensor:
+        """The generator's loss on fresh fakes."""
+        _, fake = self.sides(x)
+        loss = self.loss.generator(self.discriminate(fake))
+        self._log("G/loss", loss)
+        return loss
+
+    def generator_phases(self, x: Tensor) -> list:
+        """The phases run every ``n_critic`` batches: the generator's."""
+        return [("generator", lambda: self.generator_phase(x))]
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        self._batch_size = x.shape[0]
+        for name, phase in self.per_batch_phases(x):
+            self.optimization_step(name, phase)
+        if self.weight_clip is not None:
+            with torch.no_grad():
+                for parameter in self.discriminator.parameters():
+                    parameter.clamp_(-self.weight_clip, self.weight_clip)
+        if (batch_idx + 1) % self.n_critic == 0:
+            for name, phase in self.generator_phases(x):
+                self.optimization_step(name, phase)
+            self.generator_steps += 1
+            if self.max_generator_steps is not None and self.generator_steps >= self.max_generator_steps:
+                self.trainer.should_stop = True
+
+    def on_train_epoch_end(self):
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+
+    def evaluation_step(self, batch, stage: str) -> None:
+        x, _ = batch
+        self._batch_size, self._evaluation_stage = x.shape[0], stage
+        real, fake = self.sides(x)
+        real_out, fake_out = self.discriminate(real), self.discriminate(fake)
+        self._log("D/loss", self.loss.discriminator(real_out, fake_out))
+        self.log_divergences(real_out, fake_out)
+
+    def validation_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self.evaluation_step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["generator_steps"] = self.generator_steps
+
+    def on_load_checkpoint(self, checkpoint):
+        self.generator_steps = checkpoint.get("generator_steps", 0)
+
+
+class GANModule(AdversarialModule):
+    """GAN: matches the data distribution p_data(x) and the generator's p_g(x) (Goodfellow et al. 2014).
+
+    The generator is the model side's ``generate(z)`` (the mean of ``p(x|z)``, e.g. sigmoid
+    outputs), with ``z ~ p(z)``. The discriminator sees x.
+
+    Args:
+        data_shape, latent_dim: shapes of x and z.
+        model: builds the model side (prior and generator network).
+        discriminator: builds the discriminator network ``data_shape -> (1,)``.
+        loss: ``minimax``, ``non_saturating``, ``least_squares``, ``hinge``, ``wasserstein``
+            (pair it with ``weight_clip: 0.01`` and RMSprop 5e-5) or ``wasserstein_gp``.
+        generator_optimizer, discriminator_optimizer: build each network's optimiser.
+        Others: see :class:`AdversarialModule`.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        latent_dim: int = 64,
+        model: ModelFactory = LatentVariableModel,
+        discriminator: NetworkFactory = MLP,
+        loss: str = "non_saturating",
+        n_critic: int = 1,
+        gradient_penalty_weight: float = 10.0,
+        weight_clip: float | None = None,
+        grad_clip: dict[str, float] | None = None,
+        generator_optimizer: OptimizerCallable = torch.optim.Adam,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        max_generator_steps: int | None = None,
+    ):
+        super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
+        self.save_hyperparameters()
+        self.model = model(data_shape, latent_dim)
+        self.discriminator = discriminator(tuple(data_shape), (1,))
+        self.optimizer_factories = {
+            "discriminator": (discriminator_optimizer, [self.discriminator]),
+            "generator": (generator_optimizer, [self.model]),
+        }
+        self.check_discriminator()
+
+    def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, self.model.generate(self.model.prior().sample((x.shape[0],)))
+
+
+
+class AAEModule(AdversarialModule):
+    """Adversarial autoencoder: the VAE's reconstruction term, with ``KL(q(z|x) || p(z))`` replaced
+    by an adversarial divergence between the aggregate posterior ``q(z) = E_p~ q(z|x)`` and the
+    prior ``p(z)`` (Makhzani et al. 2015). The encoder is the same guide class as the VAE's.
+
+    Three phases per generator step: reconstruction (encoder and decoder), the discriminator on
+    z (prior samples real, encoded samples fake), then the encoder as generator.
+
+    Args:
+        data_shape, latent_dim: shapes of x and z.
+        model: builds the model side (prior, decoder, likelihood).
+        guide: builds the encoder ``q(z|x)``.
+        discriminator: builds the discriminator network ``(latent_dim,) -> (1,)``.
+        autoencoder_optimizer: for the reconstruction phase (encoder and decoder).
+        discriminator_optimizer: for the discriminator phase.
+        encoder_optimizer: for the regularisation phase (the encoder as generator).
+        Others: see :class:`AdversarialModule`.
+    """
+
+    checkpoint_monitor = "val/reconstruction"
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        latent_dim: int = 8,
+        model: ModelFactory = LatentVariableModel,
+        guide: GuideFactory = GaussianEncoderGuide,
+        discriminator: NetworkFactory = MLP,
+        loss: str = "non_saturating",
+        n_critic: int = 1,
+        gradient_penalty_weight: float = 10.0,
+        weight_clip: float | None = None,
+        grad_clip: dict[str, float] | None = None,
+        autoencoder_optimizer: OptimizerCallable = torch.optim.Adam,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        encoder_optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        max_generator_steps: int | None = None,
+    ):
+        super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
+        self.save_hyperparameters()
+        self.model = model(data_shape, latent_dim)
+        self.guide = guide(data_shape, latent_dim)
+        self.discriminator = discriminator((latent_dim,), (1,))
+        self.optimizer_factories = {
+            "autoencoder": (autoencoder_optimizer, [self.guide, self.model]),
+            "discriminator": (discriminator_optimizer, [self.discriminator]),
+            "encoder": (encoder_optimizer, [self.guide]),
+        }
+        self.check_discriminator()
+
+    def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.prior().sample((x.shape[0],)), self.guide.posterior(x).rsample()
+
+    def reconstruction_phase(self, x: Tensor) -> Tensor:
+        """``-E_q(z|x) log p(x|z)`` per datapoint, in nats."""
+        loss = -self.model.observation(self.guide.posterior(x).rsample()).log_prob(x).mean()
+        self._log("reconstruction", loss)
+        return loss
+
+    def per_batch_phases(self, x: Tensor) -> list:
+        """Reconstruction, then the discriminator on z."""
+        return [("autoencoder", lambda: self.reconstruction_phase(x)), ("discriminator", lambda: self.discriminator_phase(x))]
+
+    def generator_phases(self, x: Tensor) -> list:
+        """The encoder as generator: make its codes look like prior samples."""
+        return [("encoder", lambda: self.generator_phase(x))]
+
+    def evaluation_step(self, batch, stage: str) -> None:
+        super().evaluation_step(batch, stage)
+        self.reconstruction_phase(batch[0])
+
+
+class ALIModule(AdversarialModule):
+    """ALI / BiGAN: a discriminator on (x, z) pairs separates the data joint ``p~(x) q(z|x)`` from
+    the model joint ``p(z) p(x|z)`` (Dumoulin et al. 2017; Donahue et al. 2017): the adversarial
+    estimate of the joint divergence that the VAE bounds with the ELBO.
+
+    The encoder and the generator are trained jointly against the discriminator, with the labels
+    swapped (the discriminator's own loss with real and fake exchanged, as in the ALI paper).
+
+    Args:
+        data_shape, latent_dim: shapes of x and z.
+        model: builds the model side (prior and generator network).
+        guide: builds the encoder ``q(z|x)`` (the VAE's guide class).
+        discriminator: builds the network ``(prod(data_shape) + latent_dim,) -> (1,)`` on
+            flattened x concatenated with z.
+        generator_optimizer: for the encoder and generator together.
+        discriminator_optimizer: for the discriminator.
+        Others: see :class:`AdversarialModule`.
+    """
+
+    def __init__(
+        self,
+        data_shape: Sequence[int] = (1, 28, 28),
+        latent_dim: int = 64,
+        model: ModelFactory = LatentVariableModel,
+        guide: GuideFactory = GaussianEncoderGuide,
+        discriminator: NetworkFactory = MLP,
+        loss: str = "non_saturating",
+        n_critic: int = 1,
+        gradient_penalty_weight: float = 10.0,
+        weight_clip: float | None = None,
+        grad_clip: dict[str, float] | None = None,
+        generator_optimizer: OptimizerCallable = torch.optim.Adam,
+        discriminator_optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        max_generator_steps: int | None = None,
+    ):
+        super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
+        self.save_hyperparameters()
+        self.model = model(data_shape, latent_dim)
+        self.guide = guide(data_shape, latent_dim)
+        self.discriminator = discriminator((math.prod(data_shape) + latent_dim,), (1,))
+        self.optimizer_factories = {
+            "discriminator": (discriminator_optimizer, [self.discriminator]),
+            "generator": (generator_optimizer, [self.guide, self.model]),
+        }
+        self.check_discriminator()
+
+    def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z_data = self.guide.posterior(x).rsample()
+        z_model = self.model.prior().sample((x.shape[0],))
+        real = torch.cat([x.flatten(1), z_data], 1)
+        fake = torch.cat([self.model.generate(z_model).flatten(1), z_model], 1)
+        return real, fake
+
+    def generator_phase(self, x: Tensor) -> Tensor:
+        """Encoder and generator together: the discriminator's loss with real and fake swapped."""
+        real, fake = self.sides(x)
+        loss = self.loss.discriminator(self.discriminate(fake), self.discriminate(real))
+        self._log("G/loss", loss)
+        return loss
+
