@@ -75,40 +75,52 @@ def test_gradient_penalty_of_a_linear_critic_is_closed_form_and_fp32_under_autoc
     assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(16.0)
 
 
-def train_discriminator(loss, real_sampler, fake_sampler, steps, penalty_weight=0.0, lr=1e-3):
+def train_discriminator(loss, real_sampler, fake_sampler, steps=2000, penalty_weight=0.0, betas=(0.9, 0.999)):
     torch.manual_seed(0)
-    network = MLP((1,), (1,), hidden=(64, 64))
+    network = MLP((1,), (1,), hidden=(64, 64), activation="leaky_relu")
     critic = lambda x: network(x).squeeze(-1)  # noqa: E731
-    optimizer = torch.optim.Adam(network.parameters(), lr=lr, betas=(0.5, 0.9))
+    if penalty_weight:
+        # In 1-D a two-sided gradient penalty walls off slope +1 from slope -1 (|f'| = 0 costs
+        # lambda in between), so start the critic on the side that separates real from fake.
+        with torch.no_grad():
+            if critic(real_sampler(4096)).mean() < critic(fake_sampler(4096)).mean():
+                network.layers[-1].weight.neg_(), network.layers[-1].bias.neg_()
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, betas=betas)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in range(steps):
-        real, fake = real_sampler(512), fake_sampler(512)
+        real, fake = real_sampler(1024), fake_sampler(1024)
         value = loss(critic(real), critic(fake))
         if penalty_weight:
             value = value + penalty_weight * gradient_penalty(critic, real, fake)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
+        schedule.step()
     with torch.no_grad():
         return critic(real_sampler(200_000)), critic(fake_sampler(200_000))
 
 
 def test_trained_discriminator_recovers_kl_and_js_of_two_gaussians():
-    """N(0, 1) vs N(1, 1): KL = 1/2 both ways; JS by quadrature. Tolerance 0.05 nats."""
-    real_out, fake_out = train_discriminator(d_minimax, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 1, steps=1500)
+    """N(0, 1) vs N(1, 1): KL = 1/2 both ways; JS by quadrature. Tolerance 0.05 nats (JS 0.01)."""
+    real_out, fake_out = train_discriminator(d_minimax, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 1)
     p, q = norm(0, 1).pdf, norm(1, 1).pdf
     m = lambda x: (p(x) + q(x)) / 2  # noqa: E731
     js_exact = integrate.quad(lambda x: 0.5 * p(x) * np.log(p(x) / m(x)) + 0.5 * q(x) * np.log(q(x) / m(x)), -12, 13)[0]
     assert kl_data_model_from_logits(real_out).item() == pytest.approx(0.5, abs=0.05)
     assert kl_model_data_from_logits(fake_out).item() == pytest.approx(0.5, abs=0.05)
-    assert js_from_logits(real_out, fake_out).item() == pytest.approx(js_exact, abs=0.02)
+    assert js_from_logits(real_out, fake_out).item() == pytest.approx(js_exact, abs=0.01)
 
 
-def test_gradient_penalised_critic_recovers_the_mean_gap():
-    """W1(N(0, 1), N(2, 1)) = |m1 - m2| = 2; tolerance 0.1."""
+@pytest.mark.parametrize("penalty_weight", [10.0, 100.0])
+def test_gradient_penalised_critic_recovers_the_mean_gap(penalty_weight):
+    """W1(N(0, 1), N(2, 1)) = |m1 - m2| = d = 2. The penalised problem max_s d s - lambda (s - 1)^2
+    over critic slopes s is solved at s = 1 + d / (2 lambda): the estimate is d (1 + d / (2 lambda)),
+    2.2 at the usual lambda = 10 and 2.02 at lambda = 100. Tolerance 0.05."""
     real_out, fake_out = train_discriminator(
-        d_wasserstein, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 2, steps=1500, penalty_weight=10.0
+        d_wasserstein, lambda n: torch.randn(n, 1), lambda n: torch.randn(n, 1) + 2, penalty_weight=penalty_weight, betas=(0.5, 0.9)
     )
-    assert wasserstein_from_critic(real_out, fake_out).item() == pytest.approx(2.0, abs=0.1)
+    gap = 2.0
+    assert wasserstein_from_critic(real_out, fake_out).item() == pytest.approx(gap * (1 + gap / (2 * penalty_weight)), abs=0.05)
 
 
 def small_aae(**kwargs):

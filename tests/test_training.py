@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from varinf import MLP, GaussianEncoderGuide, LatentVariableModel, MNISTDataModule, VAEModule, load_module
+from varinf import MLP, ConfigError, GaussianEncoderGuide, LatentVariableModel, VAEModule, load_module
 from varinf.cli import fit, main
 
 RECIPE = REPO / "recipes" / "vae_mnist.yaml"
@@ -170,3 +170,40 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies():
         metric.update(chunk)
     expected = (means.var(0, unbiased=False) > 0.01).sum()
     assert metric.compute().item() == expected.item() == 2
+
+
+@pytest.mark.parametrize("recipe", ["gan_mnist", "wgan_gp_mnist", "dcgan_mnist", "aae_mnist", "ali_mnist", "gan_ring", "wgan_gp_ring"])
+def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp_path, recipe):
+    batches = 10
+    cli = fit([
+        "fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--trainer.max_epochs=1",
+        f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ])
+    module, run = cli.model, Path(cli.trainer.log_dir)
+    assert module.generator_steps == batches // module.n_critic
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "images" / "samples.png").stat().st_size > 1000
+    with (run / "metrics.csv").open() as file:
+        columns = set(next(csv.reader(file)))
+    expected = {"w1"} if module.loss.readout == "critic" else {"kl_data_model", "kl_model_data", "js"}
+    for stage, suffix in (("train", "_epoch"), ("val", "")):  # training metrics are logged per step and per epoch
+        assert {f"{stage}/divergence/{name}{suffix}" for name in expected} <= columns
+        assert f"{stage}/D/loss{suffix}" in columns
+    assert type(load_module(str(run / "checkpoints" / "last.ckpt"))) is type(module)
+
+
+def test_generator_step_budget_stops_training(tmp_path):
+    cli = fit([
+        "fit", "--config", str(REPO / "recipes" / "gan_ring.yaml"), "--model.init_args.max_generator_steps=7",
+        "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])
+    assert cli.model.generator_steps == 7 == cli.trainer.fit_loop.epoch_loop.batch_progress.total.completed
+
+
+def test_batch_norm_critic_is_rejected_from_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match="normalization: none"):
+        fit([
+            "fit", "--config", str(REPO / "recipes" / "wgan_gp_mnist.yaml"),
+            "--model.init_args.discriminator={class_path: varinf.ConvEncoder, init_args: {normalization: batch}}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ])

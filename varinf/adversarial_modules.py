@@ -64,11 +64,12 @@ class AdversarialModule(GenerativeModule):
         if n_critic < 1:
             raise ConfigError(f"n_critic must be at least 1, got {n_critic}.")
         self.automatic_optimization = False
-        self.loss_name, self.loss = loss, ADVERSARIAL_LOSSES[loss]
+        self.loss = ADVERSARIAL_LOSSES[loss]
         self.n_critic, self.gradient_penalty_weight, self.weight_clip = n_critic, gradient_penalty_weight, weight_clip
         self.grad_clip, self.scheduler_factory = dict(grad_clip or {}), scheduler
         self.max_generator_steps = max_generator_steps
         self.generator_steps = 0
+        self._batch_size, self._evaluation_stage = None, "val"
 
     def check_discriminator(self) -> None:
         """Reject batch normalisation in a gradient-penalised critic: the penalty is per sample,
@@ -176,8 +177,8 @@ class AdversarialModule(GenerativeModule):
                 self.trainer.should_stop = True
 
     def on_train_epoch_end(self):
-        schedulers = self.lr_schedulers()
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+        schedulers = self.lr_schedulers() or []
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
 
     def evaluation_step(self, batch, stage: str) -> None:

@@ -90,6 +90,8 @@ def evaluate(argv: list[str]) -> None:
         parser.error(f"--k must be at least 1, got {args.k}")
     _check_checkpoint(parser, args.ckpt)
     module = load_module(args.ckpt, map_location=_device())
+    if not hasattr(module, "objective"):
+        parser.error(f"{type(module).__name__} has no explicit likelihood; `varinf evaluate` reports the ELBO and NLL of likelihood models such as VAEModule.")
     datamodule = _datamodule_from_checkpoint(args.ckpt, args.data_dir)
     datamodule.setup("test")
     datamodule.splits = {name: (x.to(module.device), y.to(module.device)) for name, (x, y) in datamodule.splits.items()}
