@@ -22,8 +22,8 @@ def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | No
         figure, axes = plt.subplots(figsize=(4, 4))
         if reference is not None:
             reference = reference.detach().float().cpu()
-            axes.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgrey", label="data")
-        axes.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="model")
+            axes.scatter(reference[:, 0], reference[:, 1], s=3, c="tab:orange", label="data")
+        axes.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", alpha=0.5, label="model")
         axes.set_aspect("equal")
         axes.legend(loc="upper right", fontsize="small")
         figure.savefig(path, dpi=100, bbox_inches="tight")
