@@ -28,6 +28,8 @@ class MLP(nn.Module):
         out_shape: shape of one output.
         hidden: widths of the hidden layers.
         activation: name of the nonlinearity between layers.
+        normalization: ``"batch"`` adds batch normalisation before each hidden activation (a
+            common choice for MLP generators; not for a gradient-penalised critic).
     """
 
     def __init__(
@@ -36,22 +38,23 @@ class MLP(nn.Module):
         out_shape: Shape,
         hidden: Sequence[int] = (500, 500),
         activation: Literal["relu", "tanh", "elu", "leaky_relu", "softplus"] = "relu",
+        normalization: Literal["batch", "none"] = "none",
     ):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         widths = [math.prod(self.in_shape), *hidden, math.prod(self.out_shape)]
-        layers: list[nn.Module] = []
-        for i, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
-            if i > 0:
-                layers.append(ACTIVATIONS[activation]())
-            layers.append(nn.Linear(width_in, width_out))
+        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        for width_in, width_out in zip(widths[1:-1], widths[2:]):
+            if normalization != "none":
+                layers.append(_normalization(normalization, width_in, 1))
+            layers += [ACTIVATIONS[activation](), nn.Linear(width_in, width_out)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         batch_shape = x.shape[: x.dim() - len(self.in_shape)]
         if tuple(x.shape[len(batch_shape) :]) != self.in_shape:
             raise ValueError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
-        return self.layers(x.reshape(*batch_shape, -1)).reshape(*batch_shape, *self.out_shape)
+        return self.layers(x.reshape(-1, self.layers[0].in_features)).reshape(*batch_shape, *self.out_shape)
 
 
 def _normalization(kind: str, channels: int, dims: int) -> nn.Module:
