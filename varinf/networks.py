@@ -30,6 +30,8 @@ class MLP(nn.Module):
         activation: name of the nonlinearity between layers.
         normalization: ``"batch"`` adds batch normalisation before each hidden activation (a
             common choice for MLP generators; not for a gradient-penalised critic).
+        dropout: dropout probability after each hidden activation (a common regulariser of
+            discriminators; Goodfellow et al. 2014).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (500, 500),
         activation: Literal["relu", "tanh", "elu", "leaky_relu", "softplus"] = "relu",
         normalization: Literal["batch", "none"] = "none",
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
@@ -47,7 +50,10 @@ class MLP(nn.Module):
         for width_in, width_out in zip(widths[1:-1], widths[2:]):
             if normalization != "none":
                 layers.append(_normalization(normalization, width_in, 1))
-            layers += [ACTIVATIONS[activation](), nn.Linear(width_in, width_out)]
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(width_in, width_out))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
