@@ -182,6 +182,12 @@ def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp
     ])
     module, run = cli.model, Path(cli.trainer.log_dir)
     assert module.generator_steps == batches // module.n_critic
+    steps = {  # optimiser steps taken, from each optimiser's own state
+        name: max(int(state["step"]) for state in optimizer.state.values())
+        for name, optimizer in zip(module.optimizer_factories, cli.trainer.optimizers)
+    }
+    generator = "encoder" if recipe.startswith("aae") else "generator"
+    assert steps["discriminator"] == batches == module.n_critic * steps[generator]
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "images" / "samples.png").stat().st_size > 1000
     with (run / "metrics.csv").open() as file:
         columns = set(next(csv.reader(file)))

@@ -14,7 +14,7 @@ from varinf.adversarial import (
     wasserstein_from_critic,
 )
 from varinf.adversarial_modules import AAEModule, AdversarialModule, ALIModule, GANModule
-from varinf.callbacks import EpochSummary, ImageGrids
+from varinf.callbacks import EpochSummary, ImageGrids, ModeCoverage
 from varinf.data import MNISTDataModule, RingDataModule, TensorBatches, TensorDataModule, load_mnist
 from varinf.divergences import (
     cross_entropy,
@@ -29,7 +29,7 @@ from varinf.divergences import (
 from varinf.errors import ConfigError, DataError
 from varinf.evaluation import importance_sampled_nll
 from varinf.likelihoods import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
-from varinf.metrics import ActiveUnits
+from varinf.metrics import ActiveUnits, mode_coverage
 from varinf.models import LATENT, OBSERVED, GaussianEncoderGuide, LatentVariableModel, StandardNormalPrior
 from varinf.modules import GenerativeModule, VAEModule, load_module
 from varinf.networks import MLP, ConvDecoder, ConvEncoder
@@ -39,7 +39,7 @@ __all__ = [
     "AAEModule", "ADVERSARIAL_LOSSES", "ALIModule", "AdversarialLoss", "AdversarialModule", "ConvDecoder",
     "ConvEncoder", "GANModule", "GenerativeModule", "RingDataModule", "TensorDataModule", "gradient_penalty",
     "js_from_logits", "kl_data_model_from_logits", "kl_model_data_from_logits", "wasserstein_from_critic",
-    "ActiveUnits", "BernoulliLikelihood", "ConfigError", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
+    "ActiveUnits", "ModeCoverage", "mode_coverage", "BernoulliLikelihood", "ConfigError", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
     "EpochSummary", "GaussianEncoderGuide", "GaussianLikelihood", "ImageGrids", "LATENT",
     "LatentVariableModel", "MLP", "MNISTDataModule", "OBSERVED", "StandardNormalPrior",
     "TensorBatches", "VAEModule", "cross_entropy", "entropy", "importance_sampled_nll", "iwae_bound",

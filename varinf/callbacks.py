@@ -8,6 +8,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import save_image
 
+from varinf.metrics import mode_coverage
+
 
 def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> None:
     """A PNG of samples: an image grid for image batches, a scatter plot (over ``reference``
@@ -85,6 +87,25 @@ class ImageGrids(pl.Callback):
         folder = run_dir(trainer) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
+
+
+class ModeCoverage(pl.Callback):
+    """Logs ``val/modes_covered`` and ``val/high_quality`` (:func:`varinf.metrics.mode_coverage`)
+    of ``num_samples`` model samples after every validation epoch, for data modules that know
+    their mode ``centers()`` and ``std`` (the ring of Gaussians)."""
+
+    def __init__(self, num_samples: int = 10_000, seed: int = 0):
+        self.num_samples, self.seed = num_samples, seed
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        data = trainer.datamodule
+        if trainer.sanity_checking or not hasattr(data, "centers"):
+            return
+        with torch.random.fork_rng(devices=[pl_module.device.index or 0] if pl_module.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            samples = pl_module.generate(pl_module.sample_latents(self.num_samples))
+        for name, value in mode_coverage(samples, data.centers(), data.std).items():
+            pl_module.log(f"val/{name}", value)
 
 
 class EpochSummary(pl.Callback):

@@ -34,3 +34,25 @@ class ActiveUnits(Metric):
         mean = self.total / self.count
         variance = self.total_squares / self.count - mean.square()
         return (variance > self.threshold).sum().float()
+
+
+def mode_coverage(samples: Tensor, centers: Tensor, std: float, num_stds: float = 3.0, min_share: float = 0.1) -> dict[str, float]:
+    """Mode coverage of samples from a mixture with known, well-separated modes.
+
+    A sample is *high quality* when it lies within ``num_stds`` standard deviations of its nearest
+    mode centre (Srivastava et al. 2017, VEEGAN, section 5.1); a mode is *covered* when it holds at
+    least ``min_share`` of its fair share (``n / num_modes``) of the high-quality samples.
+
+    Args:
+        samples: shape ``(n, d)``.
+        centers: mode centres, shape ``(num_modes, d)``.
+        std: the standard deviation of each mode.
+    Returns:
+        ``modes_covered`` (count) and ``high_quality`` (fraction of samples).
+    """
+    distances = torch.cdist(samples.float(), centers.to(samples.device).float())
+    nearest_distance, nearest = distances.min(1)
+    good = nearest_distance <= num_stds * std
+    counts = torch.bincount(nearest[good], minlength=len(centers))
+    fair_share = len(samples) / len(centers)
+    return {"modes_covered": float((counts >= min_share * fair_share).sum()), "high_quality": float(good.float().mean())}

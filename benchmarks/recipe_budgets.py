@@ -1,0 +1,46 @@
+"""Fit recipes from the CLI at their full budget: wall time per fit, and the sample grids to look at.
+
+    python benchmarks/recipe_budgets.py gan_mnist wgan_gp_mnist aae_mnist ali_mnist dcgan_mnist
+
+Each fit runs in its own process, exactly as `varinf fit --config recipes/<name>.yaml` (MNIST from
+$VARINF_DATA_DIR, default ../shared/data/mnist). Appends a row per recipe to
+benchmarks/results/recipe_budgets.md and copies its final samples.png to
+benchmarks/results/samples_<name>.png.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def main() -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    environment = {"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ}
+    table = RESULTS / "recipe_budgets.md"
+    if not table.exists():
+        table.write_text("| recipe | fit wall time (min) | epochs | samples |\n| --- | --- | --- | --- |\n")
+    for recipe in sys.argv[1:]:
+        with tempfile.TemporaryDirectory() as workdir:
+            started = time.perf_counter()
+            subprocess.run(
+                [str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), f"--trainer.logger.init_args.save_dir={workdir}"],
+                check=True, env=environment, stdout=subprocess.DEVNULL,
+            )
+            minutes = (time.perf_counter() - started) / 60
+            run = next(Path(workdir).glob("*/version_*"))
+            epochs = len(list((run / "images").glob("samples_epoch_*.png")))
+            shutil.copy(run / "images" / "samples.png", RESULTS / f"samples_{recipe}.png")
+        with table.open("a") as file:
+            file.write(f"| {recipe} | {minutes:.1f} | {epochs} | ![{recipe}](samples_{recipe}.png) |\n")
+        print(f"{recipe}: {minutes:.1f} min, {epochs} epochs", flush=True)
+
+
+if __name__ == "__main__":
+    main()
