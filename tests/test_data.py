@@ -93,7 +93,7 @@ def test_reads_flat_or_torchvision_layout_gzipped_or_raw(tmp_path, mnist_dir, la
 def test_look_up_order_is_argument_then_environment_then_cache(tmp_path, monkeypatch):
     argument = write_dataset(tmp_path / "argument", num_train=50)
     environment = write_dataset(tmp_path / "environment", num_train=60)
-    cache = write_dataset(tmp_path / "cache" / "varinf" / "mnist", num_train=70)
+    write_dataset(tmp_path / "cache" / "varinf" / "mnist", num_train=70)
     monkeypatch.setenv("VARINF_DATA_DIR", str(environment))
     assert len(load_mnist(argument, dataset="custom")["train_images"]) == 50
     assert len(load_mnist(dataset="custom")["train_images"]) == 60

@@ -6,7 +6,6 @@ import math
 import pyro
 import pytest
 import torch
-from torch.nn.functional import softplus
 
 from varinf import (
     MLP,

@@ -7,7 +7,6 @@
 """
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pytorch_lightning.cli import LightningCLI
 from varinf.callbacks import save_samples
 from varinf.errors import ConfigError, DataError
 from varinf.evaluation import append_results, evaluate_likelihood
-from varinf.modules import load_module
+from varinf.modules import import_class, load_module
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -63,10 +62,10 @@ def fit(argv: list[str] | None) -> VarinfCLI:
 def _datamodule_from_checkpoint(checkpoint_path: str, data_dir: str | None) -> LightningDataModule:
     hparams = dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {}))
     hparams.pop("_instantiator", None)
-    module_name, _, class_name = hparams.pop("_class_path", "varinf.MNISTDataModule").rpartition(".")
+    data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
     if data_dir is not None:
         hparams["data_dir"] = data_dir
-    return getattr(importlib.import_module(module_name), class_name)(**hparams)
+    return data_class(**hparams)
 
 
 def _check_checkpoint(parser: argparse.ArgumentParser, path: str) -> None:

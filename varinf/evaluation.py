@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from varinf.objectives import iwae_bound, log_importance_weights
+from varinf.objectives import log_importance_weights
 
 
 @torch.no_grad()

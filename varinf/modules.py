@@ -135,10 +135,14 @@ class VAEModule(GenerativeModule):
         return self.optimizer_factory(self.parameters())
 
 
+def import_class(class_path: str) -> type:
+    """The class named by an import path such as ``varinf.VAEModule``."""
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:
     """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit``."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    class_path = checkpoint.get("hyper_parameters", {}).get("_class_path", "varinf.VAEModule")
-    module_name, _, class_name = class_path.rpartition(".")
-    module_class = getattr(importlib.import_module(module_name), class_name)
+    module_class = import_class(checkpoint.get("hyper_parameters", {}).get("_class_path", "varinf.VAEModule"))
     return module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True)

@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 Shape = Sequence[int]
