@@ -2,9 +2,9 @@
 
     python benchmarks/recipe_budgets.py gan_mnist wgan_gp_mnist aae_mnist ali_mnist dcgan_mnist
 
-Each fit runs in its own process, exactly as `varinf fit --config recipes/<name>.yaml` (MNIST from
-$VARINF_DATA_DIR, default ../shared/data/mnist). Appends a row per recipe to
-benchmarks/results/recipe_budgets.md and copies its final samples.png to
+Each fit runs in its own process, its run kept in runs/recipe_budgets/<name>/version_0, exactly as `varinf fit --config recipes/<name>.yaml` (MNIST from
+$VARINF_DATA_DIR, default ../shared/data/mnist). Writes a row per recipe to
+benchmarks/results/recipe_budgets.md (replacing that recipe's earlier row) and copies its final samples.png to
 benchmarks/results/samples_<name>.png.
 """
 
@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,18 +26,20 @@ def main() -> None:
     if not table.exists():
         table.write_text("| recipe | fit wall time (min) | epochs | samples |\n| --- | --- | --- | --- |\n")
     for recipe in sys.argv[1:]:
-        with tempfile.TemporaryDirectory() as workdir:
-            started = time.perf_counter()
-            subprocess.run(
-                [str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), f"--trainer.logger.init_args.save_dir={workdir}"],
-                check=True, env=environment, stdout=subprocess.DEVNULL,
-            )
-            minutes = (time.perf_counter() - started) / 60
-            run = next(Path(workdir).glob("*/version_*"))
-            epochs = len(list((run / "images").glob("samples_epoch_*.png")))
-            shutil.copy(run / "images" / "samples.png", RESULTS / f"samples_{recipe}.png")
-        with table.open("a") as file:
-            file.write(f"| {recipe} | {minutes:.1f} | {epochs} | ![{recipe}](samples_{recipe}.png) |\n")
+        workdir = ROOT / "runs" / "recipe_budgets"
+        shutil.rmtree(workdir / recipe, ignore_errors=True)
+        started = time.perf_counter()
+        subprocess.run(
+            [str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"), f"--trainer.logger.init_args.save_dir={workdir}"],
+            check=True, env=environment, stdout=subprocess.DEVNULL,
+        )
+        minutes = (time.perf_counter() - started) / 60
+        run = workdir / recipe / "version_0"
+        epochs = len(list((run / "images").glob("samples_epoch_*.png")))
+        shutil.copy(run / "images" / "samples.png", RESULTS / f"samples_{recipe}.png")
+        rows = [row for row in table.read_text().splitlines(keepends=True) if not row.startswith(f"| {recipe} |")]
+        rows.append(f"| {recipe} | {minutes:.1f} | {epochs} | ![{recipe}](samples_{recipe}.png) |\n")
+        table.write_text("".join(rows))
         print(f"{recipe}: {minutes:.1f} min, {epochs} epochs", flush=True)
 
 

@@ -107,11 +107,15 @@ def test_checkpoint_round_trip_gives_identical_elbo_and_samples(tmp_path):
 def test_evaluate_and_sample_commands(tmp_path, capsys):
     cli = run_fit(tmp_path)
     checkpoint = Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt"
-    main(["evaluate", "--ckpt", str(checkpoint), "--k", "20"])
-    results = json.loads((checkpoint.parent.parent / "evaluation.jsonl").read_text().splitlines()[-1])
-    assert results["num_test_points"] == 10_000 and "dynamic binarisation" in results["binarization"]
-    assert "IWAE" in results["estimator"] and results["units"] == "nats per datapoint"
-    assert results["test/nll_iwae_k20"] < results["test/negative_elbo"]  # more samples, tighter bound
+    main(["evaluate", "--ckpt", str(checkpoint), "--k", "20", "--metrics", "nll", "parzen", "modes", "fid", "--num_samples", "500"])
+    rows = {row["metric"]: row for row in map(json.loads, (checkpoint.parent.parent / "evaluation.jsonl").read_text().splitlines())}
+    nll = rows["nll"]
+    assert nll["num_test_points"] == 10_000 and "dynamic binarisation" in nll["binarization"]
+    assert "IWAE" in nll["estimator"] and nll["units"] == "nats per datapoint" and nll["k"] == 20
+    assert nll["nll"] < nll["negative_elbo"]  # more samples, tighter bound
+    assert any(rows["parzen"]["sigma"] == pytest.approx(sigma) for sigma in torch.logspace(-1, 0, 10).tolist())
+    assert sum(rows["modes"]["histogram"]) == pytest.approx(1, abs=1e-3) and rows["fid"]["fid"] > 0
+    assert all(row["num_samples"] == 500 and row["checkpoint"] == str(checkpoint) for row in rows.values())
     main(["sample", "--ckpt", str(checkpoint), "--n", "16", "--out", str(tmp_path / "grid.png")])
     assert (tmp_path / "grid.png").stat().st_size > 500
 

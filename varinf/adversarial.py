@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import relu, softplus
 
+from varinf.networks import MLP
+
 
 def d_minimax(real: Tensor, fake: Tensor) -> Tensor:
     """``-E_real log D - E_fake log(1 - D)`` with ``D = sigmoid(logit)`` (Goodfellow et al. 2014)."""
@@ -129,3 +131,43 @@ ADVERSARIAL_LOSSES = {
     "wasserstein": AdversarialLoss(d_wasserstein, g_critic, "critic"),
     "wasserstein_gp": AdversarialLoss(d_wasserstein, g_critic, "critic", gradient_penalty=True),
 }
+
+
+def fit_density_ratio(real: Tensor, fake: Tensor, hidden: tuple[int, ...] = (256, 256), epochs: int = 30, batch_size: int = 128, holdout: float = 0.2, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """A fresh discriminator whose logit estimates ``log p_real(x) - log p_fake(x)``: an MLP trained
+    with the minimax discriminator loss (logistic regression, Adam 1e-3), early-stopped on the
+    held-out fraction ``holdout`` of each set. Its outputs feed :data:`DIVERGENCE_READOUTS`.
+
+    Returns:
+        The trained logit function (no gradients).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        network = MLP(real.shape[1:], (1,), hidden=hidden, activation="leaky_relu").to(real.device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+
+    def split(data: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.randperm(len(data), generator=generator).to(data.device)
+        cut = int(len(data) * (1 - holdout))
+        return data[order[:cut]], data[order[cut:]]
+
+    (real_train, real_held), (fake_train, fake_held) = split(real), split(fake)
+    best_loss, best_state = math.inf, None
+    for _ in range(epochs):
+        network.train()
+        real_order = torch.randperm(len(real_train), generator=generator).to(real.device)
+        fake_order = torch.randperm(len(fake_train), generator=generator).to(real.device)
+        for real_batch, fake_batch in zip(real_order.split(batch_size), fake_order.split(batch_size)):
+            loss = d_minimax(network(real_train[real_batch]).squeeze(-1), network(fake_train[fake_batch]).squeeze(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        network.eval()
+        with torch.no_grad():
+            held_loss = float(d_minimax(network(real_held).squeeze(-1), network(fake_held).squeeze(-1)))
+        if held_loss < best_loss:
+            best_loss, best_state = held_loss, {name: value.clone() for name, value in network.state_dict().items()}
+    network.load_state_dict(best_state)
+    network.eval()
+    return torch.no_grad()(lambda x: network(x).squeeze(-1))

@@ -31,7 +31,7 @@ def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | No
         figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
     else:
-        save_image(samples.clamp(0, 1), path, nrow=8)
+        save_image(samples.clamp(0, 1), path, nrow=round(len(samples) ** 0.5))
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
@@ -53,7 +53,7 @@ class ImageGrids(pl.Callback):
         seed: seeds the fixed latents.
     """
 
-    def __init__(self, num_samples: int = 64, num_reconstructions: int = 32, num_points: int = 2000, seed: int = 0):
+    def __init__(self, num_samples: int = 100, num_reconstructions: int = 32, num_points: int = 2000, seed: int = 0):
         self.num_samples, self.num_reconstructions, self.num_points, self.seed = num_samples, num_reconstructions, num_points, seed
         self.fixed_latents: torch.Tensor | None = None
 

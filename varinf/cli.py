@@ -2,7 +2,8 @@
 
 * ``varinf fit --config recipes/vae_mnist.yaml [--key value ...]``: LightningCLI; fits, then tests
   the best checkpoint. Unknown keys and wrong types are rejected with the key named.
-* ``varinf evaluate --ckpt PATH [--k 5000]``: test -ELBO and importance-sampled NLL.
+* ``varinf evaluate --ckpt PATH [--metrics nll parzen fid ...]``: the evaluation suite.
+* ``varinf train-classifier``: (re)train the MNIST classifier behind the sample-based metrics.
 * ``varinf sample --ckpt PATH [--n 64] [--out grid.png]``: a PNG grid of model samples.
 """
 
@@ -16,9 +17,16 @@ from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
 from varinf.callbacks import save_samples
+from varinf.classifier import DEFAULT_WEIGHTS, train_classifier
 from varinf.errors import ConfigError, DataError
-from varinf.evaluation import append_results, evaluate_likelihood
-from varinf.modules import import_class, load_module
+from varinf.evaluation import (
+    METRICS,
+    append_results,
+    evaluation_from_checkpoint,
+    run_metrics,
+    supported_metrics,
+)
+from varinf.modules import load_module
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -59,15 +67,6 @@ def fit(argv: list[str] | None) -> VarinfCLI:
     )
 
 
-def _datamodule_from_checkpoint(checkpoint_path: str, data_dir: str | None) -> LightningDataModule:
-    hparams = dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {}))
-    hparams.pop("_instantiator", None)
-    data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
-    if data_dir is not None:
-        hparams["data_dir"] = data_dir
-    return data_class(**hparams)
-
-
 def _check_checkpoint(parser: argparse.ArgumentParser, path: str) -> None:
     if not Path(path).is_file():
         parser.error(f"no checkpoint at {path}; `varinf fit` writes them to runs/<name>/version_N/checkpoints/")
@@ -78,28 +77,44 @@ def _device() -> torch.device:
 
 
 def evaluate(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="varinf evaluate", description="Test -ELBO and importance-sampled NLL (IWAE bound) of a checkpoint.")
+    parser = argparse.ArgumentParser(prog="varinf evaluate", description=f"Evaluate a checkpoint with registered metrics ({', '.join(METRICS)}); each appends a JSON line to the run folder.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by varinf fit")
-    parser.add_argument("--k", type=int, default=5000, help="importance samples per test point (default 5000)")
+    parser.add_argument("--metrics", nargs="+", default=None, help="metrics to compute (default: every metric that applies to the model)")
+    parser.add_argument("--k", type=int, default=5000, help="nll: importance samples per test point (default 5000)")
+    parser.add_argument("--num_samples", type=int, default=10_000, help="model samples for the sample-based metrics (default 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the model samples (default 0)")
+    parser.add_argument("--classifier", default=None, help="MNIST classifier weights (default: the one shipped with varinf)")
     parser.add_argument("--data_dir", default=None, help="folder with the MNIST files (default: the one used for training)")
-    parser.add_argument("--max_points", type=int, default=5000, help="(sample, datapoint) pairs decoded at once (default 5000: cache-friendly on a CPU; raise it on a GPU)")
+    parser.add_argument("--max_points", type=int, default=5000, help="nll: (sample, datapoint) pairs decoded at once (default 5000: cache-friendly on a CPU; raise it on a GPU)")
     parser.add_argument("--out", default=None, help="JSON-lines file to append to (default: <run>/evaluation.jsonl)")
     args = parser.parse_args(argv)
-    if args.k < 1:
-        parser.error(f"--k must be at least 1, got {args.k}")
+    for name in ("k", "num_samples", "max_points"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     _check_checkpoint(parser, args.ckpt)
-    module = load_module(args.ckpt, map_location=_device())
-    if not hasattr(module, "objective"):
-        parser.error(f"{type(module).__name__} has no explicit likelihood; `varinf evaluate` reports the ELBO and NLL of likelihood models such as VAEModule.")
-    datamodule = _datamodule_from_checkpoint(args.ckpt, args.data_dir)
-    datamodule.setup("test")
-    datamodule.splits = {name: (x.to(module.device), y.to(module.device)) for name, (x, y) in datamodule.splits.items()}
-    print(f"Evaluating {args.ckpt} on {len(datamodule.splits['test'][0])} test images, k={args.k}; {datamodule.describe_binarization()}.", flush=True)
-    results = {"checkpoint": str(args.ckpt), **evaluate_likelihood(module, datamodule, args.k, args.max_points)}
+    evaluation = evaluation_from_checkpoint(
+        args.ckpt, args.data_dir, num_samples=args.num_samples, k=args.k, max_points=args.max_points, classifier_path=args.classifier, seed=args.seed
+    )
+    names = args.metrics or supported_metrics(evaluation)
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent.parent / "evaluation.jsonl"
-    append_results(out, results)
-    print(json.dumps(results, indent=2))
+    print(f"Evaluating {args.ckpt}: {', '.join(names)}.", flush=True)
+    for name in names:
+        (row,) = run_metrics(evaluation, [name])
+        row = {"checkpoint": str(args.ckpt), **row, "num_samples": args.num_samples, "seed": args.seed}
+        append_results(out, row)
+        print(json.dumps(row), flush=True)
     print(f"Appended to {out}")
+
+
+def train_classifier_command(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="varinf train-classifier", description="Train the MNIST classifier behind fid, kid, precision_recall and modes, and write its weights and checksum card.")
+    parser.add_argument("--out", default=str(DEFAULT_WEIGHTS), help=f"weights file to write (default {DEFAULT_WEIGHTS}); its card goes beside it as .json")
+    parser.add_argument("--data_dir", default=None, help="folder with the MNIST files (default: $VARINF_DATA_DIR)")
+    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    args = parser.parse_args(argv)
+    card = train_classifier(Path(args.out), args.data_dir, args.epochs, args.seed)
+    print(json.dumps(card, indent=2))
 
 
 def sample(argv: list[str]) -> None:
@@ -116,7 +131,7 @@ def sample(argv: list[str]) -> None:
     print(f"Wrote {args.n} samples to {args.out}")
 
 
-COMMANDS = {"evaluate": evaluate, "sample": sample}
+COMMANDS = {"evaluate": evaluate, "sample": sample, "train-classifier": train_classifier_command}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,30 @@
-"""Test-set evaluation of likelihood models: the ELBO and the importance-sampled log-likelihood."""
+"""The evaluation suite: metrics registered by name, computed from one shared :class:`Evaluation`.
+
+``varinf evaluate --ckpt PATH --metrics nll parzen fid ...`` runs them on a checkpoint; each
+appends one JSON line with its results and settings. Sample-based metrics compare the model's
+samples (decoder means: pixel probabilities for a Bernoulli decoder) with the grey-level MNIST
+test images, so every model is measured on one scale.
+"""
 
 import json
 import math
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
+from varinf.adversarial import DIVERGENCE_READOUTS, fit_density_ratio
+from varinf.classifier import MNISTClassifier, load_classifier
+from varinf.errors import ConfigError
+from varinf.metrics import class_coverage, knn_precision_recall, parzen_log_likelihood
+from varinf.modules import import_class, load_module
 from varinf.objectives import log_importance_weights
 
 
@@ -54,17 +70,240 @@ def evaluate_likelihood(module, datamodule, num_samples: int = 5000, max_points:
     """Test ``-ELBO`` and importance-sampled NLL of a VAE-like module, with the settings used."""
     module.eval()
     datamodule.setup("test")
-    started = time.perf_counter()
     nll = importance_sampled_nll(module.model, module.guide, datamodule.test_dataloader(), num_samples, max_points)
     return {
-        "test/negative_elbo": float(negative_elbo(module.objective, datamodule.test_dataloader())),
-        f"test/nll_iwae_k{num_samples}": float(nll.mean()),
-        f"test/nll_iwae_k{num_samples}_stderr": float(nll.std() / math.sqrt(len(nll))),
+        "nll": float(nll.mean()),
+        "nll_stderr": float(nll.std() / math.sqrt(len(nll))),
+        "negative_elbo": float(negative_elbo(module.objective, datamodule.test_dataloader())),
         "num_test_points": len(nll),
         "estimator": f"IWAE bound, k={num_samples} importance samples from q(z|x) per datapoint",
         "binarization": datamodule.describe_binarization(),
         "units": "nats per datapoint",
-        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+@dataclass
+class Evaluation:
+    """A model under evaluation and what its metrics share, each computed once.
+
+    Args:
+        sample: draws ``n`` model samples shaped like the data (images in [0, 1]).
+        data: grey-level images by split (``train``, ``val``, ``test``).
+        module: the fitted module, for metrics that need an encoder and a likelihood.
+        datamodule: the module's data as in training (binarised as it was), for ``nll``.
+        num_samples: model samples for the sample-based metrics (10k in the papers' protocols).
+        k: importance samples per test point for ``nll``.
+        max_points: (sample, datapoint) pairs decoded at once by ``nll``.
+        classifier_path: the MNIST classifier's weights (default: the one shipped with varinf).
+        seed: seeds the model samples.
+    """
+
+    sample: Callable[[int], Tensor]
+    data: dict[str, Tensor]
+    module: object = None
+    datamodule: object = None
+    num_samples: int = 10_000
+    k: int = 5000
+    max_points: int = 5000
+    classifier_path: str | None = None
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def draw(self, num_samples: int, seed: int) -> Tensor:
+        """``num_samples`` model samples, drawn in batches under their own seed."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            return torch.cat([self.sample(min(1000, num_samples - start)) for start in range(0, num_samples, 1000)]).to(self.device)
+
+    @cached_property
+    def samples(self) -> Tensor:
+        return self.draw(self.num_samples, self.seed)
+
+    @cached_property
+    def classifier(self) -> MNISTClassifier:
+        return load_classifier(self.classifier_path, self.device)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate classifier features of ``images``, in batches."""
+        return torch.cat([self.classifier.features(batch) for batch in images.split(1000)])
+
+    @cached_property
+    def sample_features(self) -> Tensor:
+        return self.features(self.samples)
+
+    @cached_property
+    def test_features(self) -> Tensor:
+        return self.features(self.data["test"])
+
+    @property
+    def capabilities(self) -> set[str]:
+        """What the metrics may need: ``likelihood`` (an encoder and an explicit likelihood, i.e. an
+        ELBO objective) and ``mnist_images`` (28x28 images, for the classifier-based metrics)."""
+        capabilities = set()
+        if hasattr(self.module, "objective") and hasattr(self.module, "guide"):
+            capabilities.add("likelihood")
+        if tuple(self.data["test"].shape[1:]) == (1, 28, 28):
+            capabilities.add("mnist_images")
+        return capabilities
+
+
+def datamodule_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None = None):
+    """The datamodule a checkpoint was fitted with (its saved hyperparameters), optionally
+    reading the data from another folder."""
+    hparams = dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {}))
+    hparams.pop("_instantiator", None)
+    data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
+    if data_dir is not None:
+        hparams["data_dir"] = data_dir
+    return data_class(**hparams)
+
+
+def unbinarized_images(datamodule) -> dict[str, Tensor]:
+    """The datamodule's splits (same split, same seed) without binarisation: the reference data of
+    the sample-based metrics."""
+    if getattr(datamodule, "binarize", "none") != "none":
+        datamodule = type(datamodule)(**{**datamodule.hparams, "binarize": "none"})
+    return {name: images for name, (images, _) in datamodule.load_splits().items()}
+
+
+def evaluation_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None = None, device: torch.device | None = None, **settings) -> Evaluation:
+    """An :class:`Evaluation` of a checkpoint written by ``varinf fit``; ``settings`` are
+    :class:`Evaluation` fields (``num_samples``, ``k``, ...)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = load_module(checkpoint_path, map_location=device).eval()
+    datamodule = datamodule_from_checkpoint(checkpoint_path, data_dir)
+    datamodule.setup("test")
+    datamodule.splits = {name: (x.to(device), y.to(device)) for name, (x, y) in datamodule.splits.items()}
+    data = {name: images.to(device) for name, images in unbinarized_images(datamodule).items()}
+    return Evaluation(lambda n: module.generate(module.sample_latents(n)), data, module, datamodule, device=device, **settings)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    compute: Callable[[Evaluation], dict]
+    needs: frozenset[str] = frozenset()
+
+
+METRICS: dict[str, MetricSpec] = {}
+"""The evaluation metrics by name; add one with :func:`register_metric`."""
+
+NEEDS = {"likelihood": "a model with an encoder and an explicit likelihood (e.g. VAEModule)", "mnist_images": "28x28 MNIST-like images"}
+
+
+def register_metric(name: str, needs: Iterable[str] = ()):
+    """Register ``compute(evaluation) -> dict of results and settings`` as metric ``name``;
+    ``needs`` names the :attr:`Evaluation.capabilities` it requires."""
+
+    def register(compute: Callable[[Evaluation], dict]) -> Callable[[Evaluation], dict]:
+        METRICS[name] = MetricSpec(compute, frozenset(needs))
+        return compute
+
+    return register
+
+
+def supported_metrics(evaluation: Evaluation) -> list[str]:
+    """The registered metrics that apply to this model and data."""
+    return [name for name, spec in METRICS.items() if spec.needs <= evaluation.capabilities]
+
+
+def run_metrics(evaluation: Evaluation, names: Iterable[str]) -> list[dict]:
+    """Compute each named metric; one dict per metric with its name, results, settings and seconds."""
+    names = list(names)
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(f"Unknown metric {name!r}; choose from {sorted(METRICS)}.")
+        for missing in METRICS[name].needs - evaluation.capabilities:
+            raise ConfigError(f"Metric {name!r} needs {NEEDS[missing]}, which this evaluation lacks ({type(evaluation.module).__name__}). Metrics that apply: {supported_metrics(evaluation)}.")
+    rows = []
+    for name in names:
+        started = time.perf_counter()
+        results = METRICS[name].compute(evaluation)
+        rows.append({"metric": name, **results, "seconds": round(time.perf_counter() - started, 1)})
+    return rows
+
+
+@register_metric("nll", needs=["likelihood"])
+def nll_metric(evaluation: Evaluation) -> dict:
+    """Importance-sampled test NLL, the IWAE bound with k samples (Burda et al. 2016, Table 1)."""
+    return {"k": evaluation.k, **evaluate_likelihood(evaluation.module, evaluation.datamodule, evaluation.k, evaluation.max_points)}
+
+
+@register_metric("parzen")
+def parzen_metric(evaluation: Evaluation) -> dict:
+    """Parzen-window log-likelihood of the test images under a Gaussian kernel density on the
+    samples; the width is chosen from logspace(-1, 0, 10) on 1,000 held-out training images
+    (Goodfellow et al. 2014; Makhzani et al. 2015; goodfeli/adversarial ``parzen_ll.py``)."""
+    sigmas = torch.logspace(-1, 0, 10, dtype=torch.float64)
+    held_out = evaluation.data["val"][:1000]
+    validation = parzen_log_likelihood(held_out, evaluation.samples, sigmas).mean(1)
+    sigma = sigmas[validation.argmax().item()]
+    test = parzen_log_likelihood(evaluation.data["test"], evaluation.samples, sigma[None])[0]
+    return {
+        "parzen": float(test.mean()),
+        "parzen_stderr": float(test.std() / math.sqrt(len(test))),
+        "sigma": float(sigma),
+        "settings": f"{len(evaluation.samples)} samples, sigma from logspace(-1, 0, 10) on {len(held_out)} held-out training images, {len(test)} grey-level test images",
+        "units": "nats per datapoint",
+    }
+
+
+def _image_distance(metric_class, evaluation: Evaluation, **kwargs):
+    """A torchmetrics image-distance metric on classifier features, accumulated in float64."""
+    with warnings.catch_warnings():  # KID's note that it keeps all features: 10k x 128 here
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        metric = metric_class(feature=evaluation.classifier.features, **kwargs).set_dtype(torch.float64).to(evaluation.device)
+    for batch in evaluation.data["test"].split(1000):
+        metric.update(batch, real=True)
+    for batch in evaluation.samples.split(1000):
+        metric.update(batch, real=False)
+    return metric.compute()
+
+
+@register_metric("fid", needs=["mnist_images"])
+def fid_metric(evaluation: Evaluation) -> dict:
+    """Frechet distance between Gaussians fitted to classifier features of the test images and of
+    the samples (Heusel et al. 2017), via torchmetrics' FrechetInceptionDistance in float64."""
+    fid = _image_distance(FrechetInceptionDistance, evaluation)
+    return {"fid": float(fid), "settings": f"varinf MNIST classifier features ({MNISTClassifier.num_features}-d), {len(evaluation.samples)} samples vs {len(evaluation.data['test'])} test images"}
+
+
+@register_metric("kid", needs=["mnist_images"])
+def kid_metric(evaluation: Evaluation) -> dict:
+    """Kernel distance (squared MMD, cubic polynomial kernel) on classifier features, mean and std
+    over 100 subsets of 1,000 (Binkowski et al. 2018), via torchmetrics' KernelInceptionDistance."""
+    mean, std = _image_distance(KernelInceptionDistance, evaluation, subsets=100, subset_size=1000)
+    return {"kid": float(mean), "kid_std": float(std), "settings": "varinf MNIST classifier features, 100 subsets of 1000"}
+
+
+@register_metric("precision_recall", needs=["mnist_images"])
+def precision_recall_metric(evaluation: Evaluation) -> dict:
+    """k-NN precision and recall, k = 3, on classifier features (Kynkaanniemi et al. 2019)."""
+    return {**knn_precision_recall(evaluation.test_features, evaluation.sample_features, k=3), "settings": "k=3, varinf MNIST classifier features, samples vs test images"}
+
+
+@register_metric("modes", needs=["mnist_images"])
+def modes_metric(evaluation: Evaluation) -> dict:
+    """The classes of the samples by the MNIST classifier: classes covered and KL to uniform."""
+    with torch.no_grad():
+        predicted = torch.cat([evaluation.classifier(batch).argmax(1) for batch in evaluation.samples.split(1000)])
+    return {**class_coverage(predicted), "settings": f"{len(predicted)} samples; a class is covered with at least 10% of its fair share"}
+
+
+@register_metric("divergences")
+def divergences_metric(evaluation: Evaluation) -> dict:
+    """Post-hoc KL and JS between data and model: a fresh discriminator, trained on held-out
+    images (the validation split) against fresh samples, read out on the test images against the
+    evaluation samples (THEORY.md section 2; the read-outs of :data:`DIVERGENCE_READOUTS`)."""
+    real_train = evaluation.data["val"]
+    logit = fit_density_ratio(real_train.flatten(1), evaluation.draw(len(real_train), evaluation.seed + 1).flatten(1))
+    real, fake = logit(evaluation.data["test"].flatten(1)), logit(evaluation.samples.flatten(1))
+    readouts = DIVERGENCE_READOUTS["density_ratio"]
+    return {
+        **{name: float(readout(real, fake)) for name, readout in readouts.items()},
+        "settings": f"MLP discriminator 784-256-256-1 on pixels, trained on {len(real_train)} validation images vs as many samples, read out on test images vs {len(evaluation.samples)} samples",
+        "units": "nats",
     }
 
 

@@ -1,8 +1,13 @@
-"""Metrics accumulated over an epoch or a dataset (torchmetrics, so they reduce across processes)."""
+"""Metrics: accumulated over an epoch (torchmetrics, so they reduce across processes), and the
+sample-based metrics of the evaluation suite as functions of samples or their features."""
+
+import math
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+
+from varinf.divergences import kl
 
 
 class ActiveUnits(Metric):
@@ -56,3 +61,59 @@ def mode_coverage(samples: Tensor, centers: Tensor, std: float, num_stds: float 
     counts = torch.bincount(nearest[good], minlength=len(centers))
     fair_share = len(samples) / len(centers)
     return {"modes_covered": float((counts >= min_share * fair_share).sum()), "high_quality": float(good.float().mean())}
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``||a_i - b_j||^2`` for flattened rows, in float64."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return (a.square().sum(1, keepdim=True) + b.square().sum(1) - 2 * a @ b.T).clamp_min(0)
+
+
+def parzen_log_likelihood(points: Tensor, centers: Tensor, sigmas: Tensor, chunk: int = 500) -> Tensor:
+    """Log-density of ``points`` under an isotropic Gaussian kernel density on ``centers``,
+    for each kernel width: ``log p(x) = logsumexp_i(-||x - mu_i||^2 / 2 sigma^2) - log n - (d/2) log(2 pi sigma^2)``.
+
+    Breuleux, Bengio & Vincent (2011); the protocol of Goodfellow et al. (2014), ``parzen_ll.py``.
+
+    Returns:
+        Shape ``(len(sigmas), len(points))``, in nats.
+    """
+    sigmas = sigmas.double().to(points.device)
+    dimension = points[0].numel()
+    rows = []
+    for start in range(0, len(points), chunk):
+        distances = _squared_distances(points[start : start + chunk], centers)
+        rows.append(torch.logsumexp(-distances / (2 * sigmas.square()[:, None, None]), -1))
+    normalizer = math.log(len(centers)) + dimension / 2 * torch.log(2 * math.pi * sigmas.square())
+    return torch.cat(rows, 1) - normalizer[:, None]
+
+
+def knn_precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 2000) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
+    of balls around its points reaching their k-th nearest neighbour; precision is the fraction of
+    fake points inside the real manifold, recall the fraction of real points inside the fake one."""
+
+    def radii(features: Tensor) -> Tensor:
+        return torch.cat([torch.cdist(features[i : i + chunk], features).kthvalue(k + 1, 1).values for i in range(0, len(features), chunk)])
+
+    def inside(points: Tensor, centers: Tensor, center_radii: Tensor) -> Tensor:
+        return torch.cat([(torch.cdist(points[i : i + chunk], centers) <= center_radii).any(1) for i in range(0, len(points), chunk)])
+
+    real, fake = real.flatten(1).float(), fake.flatten(1).float()
+    return {
+        "precision": float(inside(fake, real, radii(real)).float().mean()),
+        "recall": float(inside(real, fake, radii(fake)).float().mean()),
+    }
+
+
+def class_coverage(predicted: Tensor, num_classes: int = 10, min_share: float = 0.1) -> dict:
+    """Class histogram of samples labelled by a classifier: the classes *covered* (holding at least
+    ``min_share`` of their fair share ``n / num_classes``, as in :func:`mode_coverage`) and
+    ``KL(histogram || uniform)`` in nats (Srivastava et al. 2017; Metz et al. 2017)."""
+    counts = torch.bincount(predicted.flatten(), minlength=num_classes).double()
+    histogram = counts / counts.sum()
+    return {
+        "classes_covered": int((counts >= min_share * counts.sum() / num_classes).sum()),
+        "kl_to_uniform": float(kl(histogram, torch.full_like(histogram, 1 / num_classes))),
+        "histogram": [round(float(share), 4) for share in histogram],
+    }
