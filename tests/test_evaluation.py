@@ -12,7 +12,12 @@ from scipy.stats import multivariate_normal, norm
 from torch import nn
 
 from varinf import ConfigError, DataError
-from varinf.adversarial import fit_density_ratio, js_from_logits, kl_data_model_from_logits, kl_model_data_from_logits
+from varinf.adversarial import (
+    fit_density_ratio,
+    js_from_logits,
+    kl_data_model_from_logits,
+    kl_model_data_from_logits,
+)
 from varinf.classifier import DEFAULT_WEIGHTS, accuracy, card_path, load_classifier
 from varinf.data import MNISTDataModule
 from varinf.evaluation import METRICS, Evaluation, run_metrics, supported_metrics
@@ -111,7 +116,7 @@ def test_post_hoc_discriminator_recovers_kl_and_js_of_two_gaussians():
     logit = fit_density_ratio(real_train, fake_train, hidden=(64, 64), epochs=10)
     real, fake = logit(real_test), logit(fake_test)
     p, q = norm(0, 1).pdf, norm(1, 1).pdf
-    m = lambda x: (p(x) + q(x)) / 2  # noqa: E731
+    m = lambda x: (p(x) + q(x)) / 2
     js_exact = integrate.quad(lambda x: 0.5 * p(x) * np.log(p(x) / m(x)) + 0.5 * q(x) * np.log(q(x) / m(x)), -12, 13)[0]
     assert kl_data_model_from_logits(real).item() == pytest.approx(0.5, abs=0.05)
     assert kl_model_data_from_logits(fake).item() == pytest.approx(0.5, abs=0.05)

@@ -110,7 +110,7 @@ def train_classifier_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="varinf train-classifier", description="Train the MNIST classifier behind fid, kid, precision_recall and modes, and write its weights and checksum card.")
     parser.add_argument("--out", default=str(DEFAULT_WEIGHTS), help=f"weights file to write (default {DEFAULT_WEIGHTS}); its card goes beside it as .json")
     parser.add_argument("--data_dir", default=None, help="folder with the MNIST files (default: $VARINF_DATA_DIR)")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs (default 6)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     card = train_classifier(Path(args.out), args.data_dir, args.epochs, args.seed)

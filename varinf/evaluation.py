@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -249,11 +249,22 @@ def parzen_metric(evaluation: Evaluation) -> dict:
     }
 
 
+class _Float64Features(nn.Module):
+    """The classifier's features, returned in float64 so that torchmetrics accumulates in float64."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features, self.num_features = features, features.num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images).double()
+
+
 def _image_distance(metric_class, evaluation: Evaluation, **kwargs):
-    """A torchmetrics image-distance metric on classifier features, accumulated in float64."""
+    """A torchmetrics image-distance metric on classifier features, computed in float64."""
     with warnings.catch_warnings():  # KID's note that it keeps all features: 10k x 128 here
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = metric_class(feature=evaluation.classifier.features, **kwargs).set_dtype(torch.float64).to(evaluation.device)
+        metric = metric_class(feature=_Float64Features(evaluation.classifier.features), **kwargs).to(evaluation.device)
     for batch in evaluation.data["test"].split(1000):
         metric.update(batch, real=True)
     for batch in evaluation.samples.split(1000):

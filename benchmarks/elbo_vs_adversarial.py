@@ -1,0 +1,246 @@
+"""ELBO-based against adversarial objectives on one scale: every model, every metric that applies.
+
+    python benchmarks/elbo_vs_adversarial.py --budget quick   # smoke run, under 10 minutes
+    python benchmarks/elbo_vs_adversarial.py --budget full    # the committed table, under 3 hours
+
+Each model is fitted from its recipe by ``varinf fit`` in its own process, once per seed, then
+evaluated in this process with ``varinf.evaluation`` (likelihood metrics for models that have one,
+sample metrics for all, each against grey-level MNIST test images). Two sanity rows use no model:
+the training images as "samples" (FID near 0, all classes) and uniform noise.
+
+Writes benchmarks/results/elbo_vs_adversarial.{json,md} (``--budget quick`` writes
+``elbo_vs_adversarial_quick.*``): mean +- std over seeds, wall time per epoch, machine and
+versions; and PNGs: a sample grid per model, metric bars, and divergence read-out curves.
+MNIST comes from $VARINF_DATA_DIR (default ../shared/data/mnist); nothing is downloaded.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from varinf.callbacks import save_samples
+from varinf.data import MNISTDataModule
+from varinf.evaluation import (
+    Evaluation,
+    evaluation_from_checkpoint,
+    run_metrics,
+    supported_metrics,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+MODELS = {  # name: (recipe, training epochs under the full budget); add a row to benchmark a new model
+    "vae": ("vae_mnist", 60),
+    "aae": ("aae_mnist", 15),
+    "gan": ("gan_mnist", 20),
+    "wgan_gp": ("wgan_gp_mnist", 40),
+    "ali": ("ali_mnist", 20),
+}
+
+BUDGETS = {
+    "quick": {
+        "fit": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=40", "--trainer.limit_val_batches=2"],
+        "evaluation": {"num_samples": 2000, "k": 50},
+        "seeds": [0, 1, 2],
+    },
+    "full": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 1000}, "seeds": [0, 1, 2]},
+}
+
+HEADLINE = {  # metric: (value key, lower is better)
+    "nll": ("nll", True),
+    "parzen": ("parzen", False),
+    "fid": ("fid", True),
+    "kid": ("kid", True),
+    "precision_recall": ("precision", False),
+    "modes": ("classes_covered", False),
+    "divergences": ("js", True),
+}
+COLUMNS = ["nll", "parzen", "fid", "kid", "precision", "recall", "classes_covered", "kl_to_uniform", "kl_data_model", "kl_model_data", "js"]
+
+
+def fit(model: str, seed: int, budget: str, runs: Path) -> tuple[Path, float, int]:
+    """Fit one model from its recipe; returns its run folder, wall seconds and epochs trained."""
+    recipe, epochs = MODELS[model]
+    name = f"{model}_seed{seed}"
+    run = runs / name / "version_0"
+    command = [
+        str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
+        f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
+        f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
+        "--trainer.logger.init_args.version=0", *BUDGETS[budget]["fit"],
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ})
+    seconds = time.perf_counter() - started
+    trained = len(list((run / "images").glob("samples_epoch_*.png")))
+    return run, seconds, trained
+
+
+def checkpoint_of(run: Path) -> Path:
+    """The best checkpoint by the module's own validation metric, else the last one."""
+    best = run / "checkpoints" / "best.ckpt"
+    return best if best.exists() else run / "checkpoints" / "last.ckpt"
+
+
+def flatten(rows: list[dict]) -> dict[str, float]:
+    """The numeric results of metric rows, by value name."""
+    return {key: value for row in rows for key, value in row.items() if key in COLUMNS}
+
+
+def in_order(images: torch.Tensor):
+    """A sampler that hands out ``images`` in order, never the same image twice."""
+    position = 0
+
+    def sample(n: int) -> torch.Tensor:
+        nonlocal position
+        position += n
+        return images[position - n : position]
+
+    return sample
+
+
+def sanity_rows(settings: dict, seed: int = 0) -> dict[str, dict]:
+    """Training images and uniform noise as 'models': the floor and the ceiling of the scale."""
+    data_module = MNISTDataModule(binarize="none", seed=seed)
+    splits = {name: images for name, (images, _) in data_module.load_splits().items()}
+    train = splits["train"][torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(seed))]
+    sources = {
+        "data (train images)": in_order(train),
+        "uniform noise": lambda n: torch.rand(n, 1, 28, 28),
+    }
+    results = {}
+    for name, sample in sources.items():
+        evaluation = Evaluation(sample, splits, num_samples=settings["num_samples"], seed=seed)
+        results[name] = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
+        print(f"{name}: {results[name]}", flush=True)
+    return results
+
+
+def summarize(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(table: dict, sanity: dict, meta: dict) -> str:
+    lines = [
+        f"# ELBO vs adversarial on MNIST ({meta['budget']} budget)",
+        "",
+        f"Mean +- std over seeds {meta['seeds']}. {meta['protocol']}",
+        "",
+        "| model | epochs | s/epoch | " + " | ".join(COLUMNS) + " |",
+        "| --- " * (len(COLUMNS) + 3) + "|",
+    ]
+    for model, row in table.items():
+        cells = [f"{row[c][0]:.3g} +- {row[c][1]:.2g}" if c in row else "" for c in COLUMNS]
+        lines.append(f"| {model} | {row['epochs'][0]:.0f} | {row['seconds_per_epoch'][0]:.1f} | " + " | ".join(cells) + " |")
+    for name, row in sanity.items():
+        lines.append(f"| {name} | | | " + " | ".join(f"{row[c]:.3g}" if c in row else "" for c in COLUMNS) + " |")
+    lines += ["", f"Machine: {meta['machine']}. Versions: {meta['versions']}. Total wall time {meta['minutes']:.0f} min.", ""]
+    lines += [f"![samples of {model}](elbo_vs_adversarial{meta['suffix']}_samples_{model}.png)" for model in table]
+    lines += [f"![metrics](elbo_vs_adversarial{meta['suffix']}_metrics.png)", f"![divergence read-outs](elbo_vs_adversarial{meta['suffix']}_divergences.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_metrics(table: dict, sanity: dict, path: Path) -> None:
+    keys = [key for key in COLUMNS if any(key in row for row in table.values())]
+    columns = 4
+    figure, axes = plt.subplots(math.ceil(len(keys) / columns), columns, figsize=(4 * columns, 3 * math.ceil(len(keys) / columns)), squeeze=False)
+    for axis, key in zip(axes.flat, keys):
+        models = [model for model, row in table.items() if key in row]
+        axis.bar(models, [table[m][key][0] for m in models], yerr=[table[m][key][1] for m in models], color="tab:blue", capsize=3)
+        if key in sanity.get("data (train images)", {}):
+            axis.axhline(sanity["data (train images)"][key], color="tab:green", linestyle="--", label="train images")
+        axis.set_title(key)
+        axis.tick_params(axis="x", labelrotation=45)
+    for axis in list(axes.flat)[len(keys):]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_divergence_curves(runs: dict[str, Path], path: Path) -> None:
+    """Per-epoch divergence read-outs of each adversarial model (seed 0), from its CSV log."""
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for model, run in runs.items():
+        with (run / "metrics.csv").open() as file:
+            rows = list(csv.DictReader(file))
+        for key in ("js", "w1", "kl_data_model"):
+            column = f"train/divergence/{key}_epoch"
+            points = [(float(row["epoch"]), float(row[column])) for row in rows if row.get(column)]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=f"{model}: {key}")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("read-out (nats; W1 for critics)")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    args = parser.parse_args()
+    os.environ.setdefault("VARINF_DATA_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
+    budget = BUDGETS[args.budget]
+    suffix = "" if args.budget == "full" else f"_{args.budget}"
+    runs = ROOT / "runs" / "elbo_vs_adversarial" / args.budget
+    started = time.perf_counter()
+    per_seed, first_runs = {}, {}
+    for model in args.models:
+        for seed in budget["seeds"]:
+            run, seconds, epochs = fit(model, seed, args.budget, runs)
+            evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
+            values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
+            values.update(epochs=epochs, seconds_per_epoch=seconds / max(epochs, 1))
+            per_seed.setdefault(model, []).append(values)
+            print(f"{model} seed {seed}: {values}", flush=True)
+            if seed == budget["seeds"][0]:
+                first_runs[model] = run
+                save_samples(evaluation.samples[:100], RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
+    table = {model: {key: summarize([values[key] for values in seeds]) for key in seeds[0]} for model, seeds in per_seed.items()}
+    sanity = sanity_rows(budget["evaluation"])
+    meta = {
+        "budget": args.budget,
+        "seeds": budget["seeds"],
+        "suffix": suffix,
+        "fit_overrides": budget["fit"],
+        "epochs": {model: MODELS[model][1] for model in args.models},
+        "evaluation": budget["evaluation"],
+        "protocol": (
+            f"{budget['evaluation']['num_samples']} samples per model against the 10k grey-level test images; nll is the IWAE bound "
+            f"(k={budget['evaluation']['k']}) in nats on the model's own binarisation; parzen in nats; fid/kid/precision/recall/classes "
+            "on varinf's MNIST classifier features; divergences from a fresh post-hoc discriminator."
+        ),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+        "versions": {package: version(package) for package in ("torch", "pyro-ppl", "pytorch-lightning", "torchmetrics", "varinf")},
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"elbo_vs_adversarial{suffix}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": per_seed, "sanity": sanity}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(table, sanity, meta))
+    plot_metrics(table, sanity, RESULTS / f"elbo_vs_adversarial{suffix}_metrics.png")
+    plot_divergence_curves({m: r for m, r in first_runs.items() if m != "vae"}, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
