@@ -217,3 +217,15 @@ def test_batch_norm_critic_is_rejected_from_the_command_line(tmp_path):
             "--model.init_args.discriminator={class_path: varinf.ConvEncoder, init_args: {normalization: batch}}",
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ])
+
+
+def test_iwae_paper_recipe_follows_the_papers_learning_rate_schedule(tmp_path):
+    """Burda et al. (2016): lr 1e-3 * 10^(-i/7) during stage i, which lasts 3^i epochs."""
+    cli = fit([
+        "fit", "--config", str(REPO / "recipes" / "vae_iwae_paper_mnist.yaml"), "--trainer.max_epochs=5",
+        "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ])
+    assert [layer.out_features for layer in cli.model.guide.encoder.layers if isinstance(layer, torch.nn.Linear)] == [200, 200, 100]
+    # after 5 epochs: stage 0 (1 epoch) and stage 1 (3 epochs) are done, so stage 2 has begun
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 10 ** (-2 / 7))

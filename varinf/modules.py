@@ -6,13 +6,18 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from varinf.callbacks import EpochSummary, ImageGrids
 from varinf.errors import ConfigError
 from varinf.metrics import ActiveUnits
-from varinf.models import GaussianEncoderGuide, GuideFactory, LatentVariableModel, ModelFactory
+from varinf.models import (
+    GaussianEncoderGuide,
+    GuideFactory,
+    LatentVariableModel,
+    ModelFactory,
+)
 from varinf.objectives import ELBOLoss, KLEstimator
 
 STAGES = ("train", "val", "test")
@@ -71,6 +76,7 @@ class VAEModule(GenerativeModule):
         kl_warmup_epochs: ramp the KL weight linearly from ~0 to ``beta`` over this many epochs
             (Bowman et al. 2016; Sonderby et al. 2016); 0 disables warm-up.
         optimizer: builds the torch optimiser from the parameters.
+        scheduler: builds a learning-rate scheduler from the optimiser, stepped once per epoch.
     """
 
     checkpoint_monitor = "val/negative_elbo"
@@ -86,6 +92,7 @@ class VAEModule(GenerativeModule):
         beta: float = 1.0,
         kl_warmup_epochs: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
         if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1:
@@ -98,7 +105,7 @@ class VAEModule(GenerativeModule):
         self.guide = guide(data_shape, latent_dim)
         self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
         self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # ModuleDict keys must not shadow nn.Module attributes such as `train`.
         self.active_units = torch.nn.ModuleDict({f"{stage}_set": ActiveUnits(latent_dim) for stage in STAGES})
 
@@ -132,7 +139,10 @@ class VAEModule(GenerativeModule):
         self.step(batch, "test")
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
 
 
 def import_class(class_path: str) -> type:
