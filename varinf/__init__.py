@@ -13,9 +13,20 @@ from varinf.adversarial import (
     kl_model_data_from_logits,
     wasserstein_from_critic,
 )
-from varinf.adversarial_modules import AAEModule, AdversarialModule, ALIModule, GANModule
+from varinf.adversarial_modules import (
+    AAEModule,
+    AdversarialModule,
+    ALIModule,
+    GANModule,
+)
 from varinf.callbacks import EpochSummary, ImageGrids, ModeCoverage
-from varinf.data import MNISTDataModule, RingDataModule, TensorBatches, TensorDataModule, load_mnist
+from varinf.data import (
+    MNISTDataModule,
+    RingDataModule,
+    TensorBatches,
+    TensorDataModule,
+    load_mnist,
+)
 from varinf.divergences import (
     cross_entropy,
     entropy,
@@ -28,21 +39,77 @@ from varinf.divergences import (
 )
 from varinf.errors import ConfigError, DataError
 from varinf.evaluation import importance_sampled_nll
-from varinf.likelihoods import BernoulliLikelihood, ContinuousBernoulliLikelihood, GaussianLikelihood
+from varinf.guides import (
+    DeltaEncoderGuide,
+    FlowGuide,
+    FullCovarianceGaussianGuide,
+    GaussianEncoderGuide,
+)
+from varinf.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+)
 from varinf.metrics import ActiveUnits, mode_coverage
-from varinf.models import LATENT, OBSERVED, GaussianEncoderGuide, LatentVariableModel, StandardNormalPrior
+from varinf.models import LATENT, OBSERVED, LatentVariableModel
 from varinf.modules import GenerativeModule, VAEModule, load_module
 from varinf.networks import MLP, ConvDecoder, ConvEncoder
 from varinf.objectives import ELBOLoss, iwae_bound, log_importance_weights
+from varinf.priors import MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
 
 __all__ = [
-    "AAEModule", "ADVERSARIAL_LOSSES", "ALIModule", "AdversarialLoss", "AdversarialModule", "ConvDecoder",
-    "ConvEncoder", "GANModule", "GenerativeModule", "RingDataModule", "TensorDataModule", "gradient_penalty",
-    "js_from_logits", "kl_data_model_from_logits", "kl_model_data_from_logits", "wasserstein_from_critic",
-    "ActiveUnits", "ModeCoverage", "mode_coverage", "BernoulliLikelihood", "ConfigError", "ContinuousBernoulliLikelihood", "DataError", "ELBOLoss",
-    "EpochSummary", "GaussianEncoderGuide", "GaussianLikelihood", "ImageGrids", "LATENT",
-    "LatentVariableModel", "MLP", "MNISTDataModule", "OBSERVED", "StandardNormalPrior",
-    "TensorBatches", "VAEModule", "cross_entropy", "entropy", "importance_sampled_nll", "iwae_bound",
-    "js", "kl", "kl_normal_normal", "kl_normal_standard_normal", "load_mnist", "load_module",
-    "log_importance_weights", "monte_carlo_kl", "wasserstein_1d",
+    "ADVERSARIAL_LOSSES",
+    "LATENT",
+    "MLP",
+    "OBSERVED",
+    "AAEModule",
+    "ALIModule",
+    "ActiveUnits",
+    "AdversarialLoss",
+    "AdversarialModule",
+    "BernoulliLikelihood",
+    "ConfigError",
+    "ContinuousBernoulliLikelihood",
+    "ConvDecoder",
+    "ConvEncoder",
+    "DataError",
+    "DeltaEncoderGuide",
+    "ELBOLoss",
+    "EpochSummary",
+    "FlowGuide",
+    "FullCovarianceGaussianGuide",
+    "GANModule",
+    "GaussianEncoderGuide",
+    "GaussianLikelihood",
+    "GenerativeModule",
+    "ImageGrids",
+    "LatentVariableModel",
+    "MNISTDataModule",
+    "MixtureOfGaussiansPrior",
+    "ModeCoverage",
+    "RingDataModule",
+    "StandardNormalPrior",
+    "TensorBatches",
+    "TensorDataModule",
+    "VAEModule",
+    "VampPrior",
+    "cross_entropy",
+    "entropy",
+    "gradient_penalty",
+    "importance_sampled_nll",
+    "iwae_bound",
+    "js",
+    "js_from_logits",
+    "kl",
+    "kl_data_model_from_logits",
+    "kl_model_data_from_logits",
+    "kl_normal_normal",
+    "kl_normal_standard_normal",
+    "load_mnist",
+    "load_module",
+    "log_importance_weights",
+    "mode_coverage",
+    "monte_carlo_kl",
+    "wasserstein_1d",
+    "wasserstein_from_critic",
 ]

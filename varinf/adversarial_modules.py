@@ -24,9 +24,13 @@ from torch import Tensor, nn
 
 from varinf.adversarial import ADVERSARIAL_LOSSES, DIVERGENCE_READOUTS, gradient_penalty
 from varinf.errors import ConfigError
-from varinf.models import GaussianEncoderGuide, GuideFactory, LatentVariableModel, ModelFactory
+from varinf.guides import GaussianEncoderGuide, GuideFactory
+from varinf.models import LatentVariableModel, ModelFactory
 from varinf.modules import GenerativeModule
 from varinf.networks import MLP, NetworkFactory
+
+ENCODER_NEEDS = ("posterior", "rsample")
+"""What the AAE and ALI need of their guide: codes ``z ~ q(z|x)`` with gradients."""
 
 
 class AdversarialModule(GenerativeModule):
@@ -291,7 +295,7 @@ class AAEModule(AdversarialModule):
         super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
-        self.guide = guide(data_shape, latent_dim)
+        self.build_guide(guide, ENCODER_NEEDS)
         self.discriminator = discriminator((latent_dim,), (1,))
         self.optimizer_factories = {
             "autoencoder": (autoencoder_optimizer, [self.guide, self.model]),
@@ -361,7 +365,7 @@ class ALIModule(AdversarialModule):
         super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
-        self.guide = guide(data_shape, latent_dim)
+        self.build_guide(guide, ENCODER_NEEDS)
         self.discriminator = discriminator((math.prod(data_shape) + latent_dim,), (1,))
         self.optimizer_factories = {
             "discriminator": (discriminator_optimizer, [self.discriminator]),

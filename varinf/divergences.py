@@ -6,6 +6,7 @@ Natural logarithms throughout, so results are in nats. The formulas follow THEOR
 
 import torch
 from torch import Tensor
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 from torch.special import xlogy
 
 
@@ -125,3 +126,28 @@ def wasserstein_1d(x: Tensor, y: Tensor) -> Tensor:
     cdf_y = torch.searchsorted(y, left, right=True).to(x.dtype) / y.shape[-1]
     return ((cdf_x - cdf_y).abs() * widths).sum(-1)
 
+
+
+def kl_mvn_diagonal_normal(loc_p: Tensor, scale_tril_p: Tensor, loc_q: Tensor, scale_q: Tensor) -> Tensor:
+    """``KL(N(m, L L^T) || N(mu, diag s^2))`` in closed form:
+
+    ``1/2 [ sum_ij L_ij^2 / s_i^2 + sum_i (mu_i - m_i)^2 / s_i^2 - d + 2 sum_i log s_i - 2 sum_i log L_ii ]``.
+
+    Args:
+        loc_p, scale_tril_p: mean ``(..., d)`` and lower-triangular scale ``(..., d, d)`` of p.
+        loc_q, scale_q: mean and standard deviations ``(..., d)`` of the diagonal q.
+    """
+    variance_q = scale_q.square()
+    trace = (scale_tril_p.square() / variance_q.unsqueeze(-1)).sum((-2, -1))
+    mahalanobis = ((loc_q - loc_p).square() / variance_q).sum(-1)
+    log_det_ratio = 2 * scale_q.log().sum(-1) - 2 * scale_tril_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - loc_p.shape[-1] + log_det_ratio)
+
+
+@register_kl(MultivariateNormal, Independent)
+def _kl_mvn_independent(p: MultivariateNormal, q: Independent) -> Tensor:
+    """Registers :func:`kl_mvn_diagonal_normal` with ``torch.distributions.kl_divergence`` (so
+    Pyro's ``TraceMeanField_ELBO`` uses it) when q is a diagonal Gaussian over one event dimension."""
+    if not (isinstance(q.base_dist, Normal) and q.reinterpreted_batch_ndims == 1):
+        raise NotImplementedError
+    return kl_mvn_diagonal_normal(p.loc, p.scale_tril, q.base_dist.loc, q.base_dist.scale)

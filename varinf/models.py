@@ -1,7 +1,7 @@
 """The two sides of every varinf model, as Pyro programs.
 
 * Model side: ``p(z) p_theta(x|z)``, a Pyro model (:class:`LatentVariableModel`).
-* Data side: ``p~(x) q_phi(z|x)``, a Pyro guide (:class:`GaussianEncoderGuide`).
+* Data side: ``p~(x) q_phi(z|x)``, a Pyro guide (:mod:`varinf.guides`).
 
 Both sample the latent site :data:`LATENT` inside the plate :data:`DATA_PLATE`, so any guide
 pairs with any model. Parameters are module-local (``pyro.settings module_local_params``): two
@@ -12,13 +12,12 @@ from collections.abc import Callable, Sequence
 
 import pyro
 import pyro.distributions as dist
-import torch
 from pyro.nn import PyroModule
-from torch import Tensor, nn
-from torch.nn.functional import softplus
+from torch import Tensor
 
 from varinf.likelihoods import BernoulliLikelihood, LikelihoodFactory
 from varinf.networks import MLP, NetworkFactory
+from varinf.priors import PriorFactory, StandardNormalPrior
 
 pyro.settings.set(module_local_params=True)
 
@@ -37,22 +36,6 @@ def check_data_shape(x: Tensor, data_shape: Sequence[int], where: str) -> None:
             f"{where} expects a batch of shape (B, {', '.join(map(str, data_shape))}), got {tuple(x.shape)}. "
             "Set the module's data_shape to match the data, or reshape the batch."
         )
-
-
-class StandardNormalPrior(nn.Module):
-    """``p(z) = N(0, I)`` over ``latent_dim`` dimensions (its tensors follow the module's device)."""
-
-    def __init__(self, latent_dim: int):
-        super().__init__()
-        self.register_buffer("loc", torch.zeros(latent_dim))
-        self.register_buffer("scale", torch.ones(latent_dim))
-
-    def forward(self) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
-
-
-PriorFactory = Callable[[int], nn.Module]
-"""Builds a prior from ``latent_dim``; its forward returns a distribution with event shape ``(latent_dim,)``."""
 
 
 class LatentVariableModel(PyroModule):
@@ -103,36 +86,3 @@ class LatentVariableModel(PyroModule):
 
 ModelFactory = Callable[[Sequence[int], int], LatentVariableModel]
 """Builds the model side from ``(data_shape, latent_dim)``; in a recipe, a class path with ``init_args``."""
-
-
-class GaussianEncoderGuide(PyroModule):
-    """Data side ``q_phi(z|x) = N(mu(x), diag sigma(x)^2)``: amortised and reparameterised.
-
-    The encoder network outputs ``(mu, s)`` and ``sigma = softplus(s) + scale_floor``, which keeps
-    the scale positive without a constrained output (Kingma & Welling, 2014).
-
-    Args:
-        data_shape: shape of one datapoint x.
-        latent_dim: dimension of z.
-        encoder: builds the encoder network ``data_shape -> (2, latent_dim)``.
-        scale_floor: smallest posterior standard deviation.
-    """
-
-    def __init__(self, data_shape: Sequence[int], latent_dim: int, encoder: NetworkFactory = MLP, scale_floor: float = 1e-3):
-        super().__init__()
-        self.data_shape, self.latent_dim, self.scale_floor = tuple(data_shape), latent_dim, scale_floor
-        self.encoder = encoder(self.data_shape, (2, latent_dim))
-
-    def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        """``q_phi(z|x)`` for a batch x: batch shape ``(B,)``, event shape ``(latent_dim,)``."""
-        loc, raw_scale = self.encoder(x).unbind(-2)
-        return dist.Normal(loc, softplus(raw_scale) + self.scale_floor, validate_args=False).to_event(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        check_data_shape(x, self.data_shape, "The guide")
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            return pyro.sample(LATENT, self.posterior(x))
-
-
-GuideFactory = Callable[[Sequence[int], int], nn.Module]
-"""Builds a guide from ``(data_shape, latent_dim)``; in a recipe, a class path with ``init_args``."""

@@ -2,6 +2,7 @@
 
 import importlib
 from collections.abc import Sequence
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -11,14 +12,16 @@ from torch import Tensor
 
 from varinf.callbacks import EpochSummary, ImageGrids
 from varinf.errors import ConfigError
-from varinf.metrics import ActiveUnits
-from varinf.models import (
+from varinf.guides import (
     GaussianEncoderGuide,
     GuideFactory,
-    LatentVariableModel,
-    ModelFactory,
+    attach_guide,
+    posterior_location,
+    require_capabilities,
 )
-from varinf.objectives import ELBOLoss, KLEstimator
+from varinf.metrics import ActiveUnits
+from varinf.models import LatentVariableModel, ModelFactory
+from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 STAGES = ("train", "val", "test")
 
@@ -41,6 +44,13 @@ class GenerativeModule(pl.LightningModule):
             checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
         return [checkpoint, ImageGrids(), EpochSummary()]
 
+    def build_guide(self, guide: GuideFactory, needs: Sequence[str]) -> None:
+        """Build ``self.guide`` for ``self.model``, check that it has the capabilities ``needs``, and
+        hand it to a prior built from it (a VampPrior)."""
+        self.guide = guide(self.model.data_shape, self.model.latent_dim)
+        require_capabilities(self.guide, needs, type(self).__name__)
+        attach_guide(self.model.prior, self.guide)
+
     @torch.no_grad()
     def sample_latents(self, num_samples: int) -> Tensor:
         """``z ~ p(z)``, shape ``(num_samples, latent_dim)``, on the module's device."""
@@ -54,7 +64,11 @@ class GenerativeModule(pl.LightningModule):
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
         """Decode the posterior mean of each x (for modules with an encoder, ``self.guide``)."""
-        return self.model.generate(self.guide.posterior(x).mean)
+        return self.model.generate(posterior_location(self.guide.posterior(x)))
+
+
+OBJECTIVES = {"elbo": ELBOLoss, "iwae": IWAELoss}
+"""The likelihood objectives a VAEModule trains with, by name."""
 
 
 class VAEModule(GenerativeModule):
@@ -70,8 +84,11 @@ class VAEModule(GenerativeModule):
         latent_dim: dimension of z.
         model: builds the model side from ``(data_shape, latent_dim)``.
         guide: builds the guide from ``(data_shape, latent_dim)``.
-        kl: ``"analytic"`` (``TraceMeanField_ELBO``) or ``"monte_carlo"`` (``Trace_ELBO``).
-        num_particles: samples of z per datapoint in the training ELBO.
+        objective: ``"elbo"`` (:class:`~varinf.objectives.ELBOLoss`) or ``"iwae"``
+            (:class:`~varinf.objectives.IWAELoss`, which needs a guide with ``posterior`` and ``rsample``).
+        kl: ELBO only: ``"analytic"`` (``TraceMeanField_ELBO``; closed form where registered, Monte
+            Carlo otherwise) or ``"monte_carlo"`` (``Trace_ELBO``).
+        num_particles: samples of z per datapoint: the ELBO's particles, or IWAE's K.
         beta: weight of the KL term (beta-VAE, Higgins et al. 2017); 1 is the ELBO.
         kl_warmup_epochs: ramp the KL weight linearly from ~0 to ``beta`` over this many epochs
             (Bowman et al. 2016; Sonderby et al. 2016); 0 disables warm-up.
@@ -87,6 +104,7 @@ class VAEModule(GenerativeModule):
         latent_dim: int = 50,
         model: ModelFactory = LatentVariableModel,
         guide: GuideFactory = GaussianEncoderGuide,
+        objective: Literal["elbo", "iwae"] = "elbo",
         kl: KLEstimator = "analytic",
         num_particles: int = 1,
         beta: float = 1.0,
@@ -95,15 +113,18 @@ class VAEModule(GenerativeModule):
         scheduler: LRSchedulerCallable | None = None,
     ):
         super().__init__()
-        if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1:
+        if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1 or objective not in OBJECTIVES:
             raise ConfigError(
-                "VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1 and latent_dim >= 1; "
-                f"got beta={beta}, kl_warmup_epochs={kl_warmup_epochs}, num_particles={num_particles}, latent_dim={latent_dim}."
+                f"VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1, latent_dim >= 1 and objective in {sorted(OBJECTIVES)}; "
+                f"got beta={beta}, kl_warmup_epochs={kl_warmup_epochs}, num_particles={num_particles}, latent_dim={latent_dim}, objective={objective!r}."
             )
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
-        self.guide = guide(data_shape, latent_dim)
-        self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
+        self.build_guide(guide, OBJECTIVES[objective].needs)
+        if objective == "iwae":
+            self.objective = IWAELoss(self.model, self.guide, num_samples=num_particles)
+        else:
+            self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
         self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # ModuleDict keys must not shadow nn.Module attributes such as `train`.

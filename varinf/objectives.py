@@ -14,6 +14,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
+from varinf.guides import posterior_location, require_capabilities
 from varinf.models import LATENT
 
 KLEstimator = Literal["analytic", "monte_carlo"]
@@ -84,8 +85,11 @@ class ELBOLoss(nn.Module):
         num_particles: samples of z per datapoint (vectorised).
     """
 
+    needs = ("density",)
+
     def __init__(self, model: nn.Module, guide: nn.Module, kl: KLEstimator = "analytic", num_particles: int = 1):
         super().__init__()
+        require_capabilities(guide, self.needs, "The ELBO")
         if kl not in ("analytic", "monte_carlo"):
             raise ValueError(f"kl must be 'analytic' or 'monte_carlo', got {kl!r}.")
         estimator = TraceMeanField_ELBO if kl == "analytic" else Trace_ELBO
@@ -106,7 +110,7 @@ class ELBOLoss(nn.Module):
         with torch.no_grad():
             kl = kl_estimate(q, p, z, self.analytic).mean()
             reconstruction = loss.detach() - self.kl_weight * kl
-        return ELBOTerms(loss, reconstruction, kl, q.mean.detach())
+        return ELBOTerms(loss, reconstruction, kl, posterior_location(q).detach())
 
 
 def log_importance_weights(model: nn.Module, guide: nn.Module, x: Tensor, num_samples: int) -> Tensor:
@@ -131,3 +135,41 @@ def iwae_bound(log_weights: Tensor, dim: int = 0) -> Tensor:
         The bound, with ``dim`` reduced.
     """
     return torch.logsumexp(log_weights, dim) - math.log(log_weights.shape[dim])
+
+
+class IWAELoss(nn.Module):
+    """The negative importance-weighted bound (Burda et al. 2016) per datapoint, averaged:
+    ``-(1/B) sum_b log (1/K) sum_k p(x_b|z_k) [p(z_k) / q(z_k|x_b)]^beta`` with ``z_k ~ q(z|x_b)``.
+
+    The log-sum-exp runs over the K samples of each datapoint (Pyro's ``RenyiELBO`` pools the
+    batch instead). K = 1 is the ELBO; ``kl_weight`` (beta) weights the log density ratio, so
+    beta-IWAE and KL warm-up compose as in :class:`ELBOLoss`.
+
+    Args:
+        model: the model side, with ``observation(z)`` and ``prior()``.
+        guide: a guide with ``posterior``, ``rsample`` and ``density``.
+        num_samples: K.
+    """
+
+    needs = ("density", "posterior", "rsample")
+
+    def __init__(self, model: nn.Module, guide: nn.Module, num_samples: int = 5):
+        super().__init__()
+        require_capabilities(guide, self.needs, "The IWAE objective")
+        self.model, self.guide, self.num_samples = model, guide, num_samples
+        self.kl_weight = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The loss, in nats per datapoint."""
+        return self.terms(x).loss
+
+    def terms(self, x: Tensor) -> ELBOTerms:
+        """The loss, and the Monte-Carlo ELBO terms of the same K samples."""
+        q = self.guide.posterior(x)
+        z = q.rsample((self.num_samples,))
+        log_likelihood = self.model.observation(z).log_prob(x)
+        log_ratio = self.model.prior().log_prob(z) - q.log_prob(z)
+        loss = -iwae_bound(log_likelihood + self.kl_weight * log_ratio).mean()
+        with torch.no_grad():
+            reconstruction, kl = -log_likelihood.mean(), -log_ratio.mean()
+        return ELBOTerms(loss, reconstruction, kl, posterior_location(q).detach())

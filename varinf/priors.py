@@ -1,0 +1,85 @@
+"""Priors ``p(z)``: modules whose forward returns the distribution over z (event ``(latent_dim,)``).
+
+Built as ``prior(latent_dim)``; their tensors follow the module's device. The KL from a guide is
+closed form where ``torch.distributions.kl_divergence`` knows the pair and Monte Carlo otherwise
+(mixtures), without any change to the objective.
+"""
+
+from collections.abc import Callable, Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor, nn
+from torch.nn.functional import softplus
+
+
+class StandardNormalPrior(nn.Module):
+    """``p(z) = N(0, I)`` over ``latent_dim`` dimensions."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
+
+class MixtureOfGaussiansPrior(nn.Module):
+    """A learnable mixture ``p(z) = sum_k pi_k N(mu_k, diag sigma_k^2)`` (e.g. Dilokthanakul et
+    al. 2016; Tomczak & Welling 2018, section 3). Trained by the ELBO through its Monte-Carlo KL;
+    the AAE only samples it, so there it stays at its initialisation.
+
+    Args:
+        num_components: K.
+        spread: standard deviation of the initial component means.
+    """
+
+    def __init__(self, latent_dim: int, num_components: int = 10, spread: float = 1.0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.locs = nn.Parameter(spread * torch.randn(num_components, latent_dim, generator=generator))
+        self.raw_scales = nn.Parameter(torch.full((num_components, latent_dim), 0.5413))  # softplus^-1(1)
+        self.logits = nn.Parameter(torch.zeros(num_components))
+
+    def forward(self) -> dist.TorchDistribution:
+        components = dist.Normal(self.locs, softplus(self.raw_scales) + 1e-3, validate_args=False).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components, validate_args=False)
+
+
+class VampPrior(nn.Module):
+    """The variational mixture of posteriors ``p(z) = (1/K) sum_k q(z | u_k)`` with K learnable
+    pseudo-inputs ``u_k`` (Tomczak & Welling 2018). It needs the module's guide, with a
+    ``posterior`` whose ``log_prob`` takes any z; the VAE and AAE modules attach it
+    (:func:`varinf.guides.attach_guide`).
+
+    Args:
+        num_pseudo_inputs: K (the paper uses 500 on MNIST).
+        data_shape: shape of one pseudo-input, as of one datapoint.
+    """
+
+    def __init__(self, latent_dim: int, num_pseudo_inputs: int = 500, data_shape: Sequence[int] = (1, 28, 28)):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        # pixels are sigmoid(raw): initialised near 1/2 with small noise, as in the paper
+        self.raw_pseudo_inputs = nn.Parameter(0.1 * torch.randn(num_pseudo_inputs, *data_shape, generator=generator))
+        self._guide: tuple[nn.Module, ...] = ()  # a plain tuple: the guide's parameters stay the guide's
+
+    guide_needs = ("posterior", "log_prob")
+
+    def attach_guide(self, guide: nn.Module) -> None:
+        self._guide = (guide,)
+
+    def pseudo_inputs(self) -> Tensor:
+        return torch.sigmoid(self.raw_pseudo_inputs)
+
+    def forward(self) -> dist.TorchDistribution:
+        if not self._guide:
+            raise RuntimeError("VampPrior has no guide: use it in a module with an encoder (VAEModule or AAEModule).")
+        components = self._guide[0].posterior(self.pseudo_inputs())
+        mixing = dist.Categorical(logits=torch.zeros(components.batch_shape, device=self.raw_pseudo_inputs.device))
+        return dist.MixtureSameFamily(mixing, components, validate_args=False)
+
+
+PriorFactory = Callable[[int], nn.Module]
+"""Builds a prior from ``latent_dim``; its forward returns a distribution with event shape ``(latent_dim,)``."""
