@@ -51,16 +51,16 @@ from varinf.likelihoods import (
     GaussianLikelihood,
 )
 from varinf.metrics import ActiveUnits, mode_coverage
-from varinf.models import LATENT, OBSERVED, LatentVariableModel
+from varinf.models import DATA_PLATE, LATENT, OBSERVED, LatentVariableModel
 from varinf.modules import GenerativeModule, VAEModule, load_module
-from varinf.networks import MLP, ConvDecoder, ConvEncoder
+from varinf.networks import MLP, ConvDecoder, ConvEncoder, NetworkFactory
 from varinf.objectives import ELBOLoss, iwae_bound, log_importance_weights
 from varinf.priors import MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
 
 __all__ = [
     "ADVERSARIAL_LOSSES",
     "LATENT",
-    "MLP",
+    "MLP", "NetworkFactory",
     "OBSERVED",
     "AAEModule",
     "ALIModule",
@@ -71,7 +71,7 @@ __all__ = [
     "ConfigError",
     "ContinuousBernoulliLikelihood",
     "ConvDecoder",
-    "ConvEncoder",
+    "ConvEncoder", "DATA_PLATE",
     "DataError",
     "DeltaEncoderGuide",
     "ELBOLoss",

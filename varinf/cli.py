@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
-from pytorch_lightning import LightningDataModule, LightningModule
+from pytorch_lightning import Callback, LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
 from varinf.callbacks import save_samples
@@ -26,7 +26,7 @@ from varinf.evaluation import (
     run_metrics,
     supported_metrics,
 )
-from varinf.modules import load_module
+from varinf.modules import IMPORT_PATHS_KEY, load_module
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -36,9 +36,24 @@ TRAINER_DEFAULTS = {
 }
 
 
+class RecordImportPaths(Callback):
+    """Stores the recipe folders a fit imported classes from in every checkpoint, for
+    :func:`varinf.load_module`."""
+
+    def __init__(self, folders: list[str]):
+        self.folders = folders
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[IMPORT_PATHS_KEY] = self.folders
+
+
 class VarinfCLI(LightningCLI):
     """LightningCLI that tests the best checkpoint after fitting, and reports a bad setting found
     while building the model or data as the :class:`ConfigError` it is."""
+
+    def __init__(self, *args, import_paths: list[str] = (), **kwargs):
+        self.import_paths = list(import_paths)
+        super().__init__(*args, **kwargs)
 
     def instantiate_classes(self) -> None:
         try:
@@ -48,17 +63,37 @@ class VarinfCLI(LightningCLI):
             while cause is not None and not isinstance(cause, (ConfigError, DataError)):
                 cause = cause.__cause__ or cause.__context__
             raise cause or error
+        self.trainer.callbacks.append(RecordImportPaths(self.import_paths))
 
     def after_fit(self) -> None:
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
+def add_recipe_folders_to_path(args: list[str]) -> list[str]:
+    """Put the folder of every ``--config`` recipe on the import path, so that a recipe can name
+    classes from Python files beside it (a user's own guide, say) by class path; returns them."""
+    folders = []
+    for index, arg in enumerate(args):
+        if arg.startswith("--config="):
+            recipe = arg.partition("=")[2]
+        elif arg == "--config" and index + 1 < len(args):
+            recipe = args[index + 1]
+        else:
+            continue
+        folders.append(str(Path(recipe).resolve().parent))
+        if folders[-1] not in sys.path:
+            sys.path.insert(0, folders[-1])
+    return folders
+
+
 def fit(argv: list[str] | None) -> VarinfCLI:
     """Run ``varinf fit`` (or another LightningCLI subcommand) and return the CLI, which holds the trained module."""
+    folders = add_recipe_folders_to_path(sys.argv[1:] if argv is None else argv)
     return VarinfCLI(
         LightningModule,
         LightningDataModule,
+        import_paths=folders,
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,

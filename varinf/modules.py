@@ -1,6 +1,7 @@
 """LightningModules that train varinf models, and loading them back from checkpoints."""
 
 import importlib
+import sys
 from collections.abc import Sequence
 from typing import Literal
 
@@ -172,8 +173,16 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+IMPORT_PATHS_KEY = "varinf_import_paths"
+"""Checkpoint key of the recipe folders whose Python files the fitted classes came from."""
+
+
 def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:
-    """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit``."""
+    """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit`` (classes from
+    files beside the recipe, such as a user's guide, are imported from the recipe's folder)."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    for folder in checkpoint.get(IMPORT_PATHS_KEY, []):
+        if folder not in sys.path:
+            sys.path.append(folder)
     module_class = import_class(checkpoint.get("hyper_parameters", {}).get("_class_path", "varinf.VAEModule"))
     return module_class.load_from_checkpoint(checkpoint_path, map_location=map_location, weights_only=True)
