@@ -15,6 +15,7 @@ from varinf import (
     ALIModule,
     ConfigError,
     ConvEncoder,
+    DeltaEncoderGuide,
     GANModule,
     GaussianEncoderGuide,
     LatentVariableModel,
@@ -123,19 +124,20 @@ def test_gradient_penalised_critic_recovers_the_mean_gap(penalty_weight):
     assert wasserstein_from_critic(real_out, fake_out).item() == pytest.approx(gap * (1 + gap / (2 * penalty_weight)), abs=0.05)
 
 
-def small_aae(**kwargs):
+def small_aae(guide=GaussianEncoderGuide, **kwargs):
     network = lambda i, o: MLP(i, o, hidden=(16,))  # noqa: E731
     return AAEModule(
         latent_dim=4,
         model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network),
-        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=network),
+        guide=lambda shape, dim: guide(shape, dim, encoder=network),
         discriminator=network,
         **kwargs,
     )
 
 
-def test_aae_phases_train_exactly_their_networks():
-    module = small_aae()
+@pytest.mark.parametrize("guide", [GaussianEncoderGuide, DeltaEncoderGuide])
+def test_aae_phases_train_exactly_their_networks(guide):
+    module = small_aae(guide)
     x = torch.rand(8, 1, 28, 28)
     networks = {"encoder": module.guide, "decoder": module.model, "discriminator": module.discriminator}
     expected = {"autoencoder": {"encoder", "decoder"}, "discriminator": {"discriminator"}, "encoder": {"encoder"}}

@@ -229,3 +229,25 @@ def test_iwae_paper_recipe_follows_the_papers_learning_rate_schedule(tmp_path):
     assert [layer.out_features for layer in cli.model.guide.encoder.layers if isinstance(layer, torch.nn.Linear)] == [200, 200, 100]
     # after 5 epochs: stage 0 (1 epoch) and stage 1 (3 epochs) are done, so stage 2 has begun
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 10 ** (-2 / 7))
+
+
+@pytest.mark.parametrize("recipe", ["iwae_mnist", "vae_iaf_mnist", "vae_vampprior_mnist"])
+def test_every_likelihood_recipe_fits_from_the_cli(tmp_path, recipe):
+    cli = fit(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
+    logged = cli.trainer.logged_metrics
+    assert math.isfinite(float(logged["test/negative_elbo"])) and (Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_user_guide_example_fits_and_evaluates_from_a_recipe_beside_it(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the fit adds the recipe's folder; undo afterwards
+    recipe = REPO / "recipes" / "examples" / "vae_low_rank_guide.yaml"
+    cli = fit(["fit", "--config", str(recipe), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
+    assert type(cli.model.guide).__name__ == "LowRankGaussianGuide"
+    sys.path.remove(str(recipe.parent))
+    sys.modules.pop("low_rank_guide")
+    checkpoint = Path(cli.trainer.log_dir) / "checkpoints" / "best.ckpt"
+    main(["evaluate", "--ckpt", str(checkpoint), "--metrics", "nll", "--k", "5"])  # imports the guide from the recipe's folder
+    (row,) = map(json.loads, (checkpoint.parent.parent / "evaluation.jsonl").read_text().splitlines())
+    assert row["nll"] < row["negative_elbo"] < 784 * math.log(2)

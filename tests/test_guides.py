@@ -1,0 +1,164 @@
+"""Guides, priors and the IWAE objective against closed forms and identities."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from test_objectives import B, NOISE, data, evidence
+
+from varinf import (
+    MLP,
+    ConfigError,
+    DeltaEncoderGuide,
+    ELBOLoss,
+    FlowGuide,
+    FullCovarianceGaussianGuide,
+    GaussianEncoderGuide,
+    GaussianLikelihood,
+    LatentVariableModel,
+    MixtureOfGaussiansPrior,
+    VAEModule,
+    VampPrior,
+)
+from varinf.divergences import kl_mvn_diagonal_normal
+from varinf.guides import posterior_location
+from varinf.objectives import IWAELoss
+
+W_FULL = torch.tensor([[1.0, 0.5], [0.3, 2.0], [0.2, -0.4]])  # non-orthogonal: a full-covariance posterior
+LINEAR = partial(MLP, hidden=())
+
+
+def linear_gaussian_full(exact: bool = True):
+    """``p(z) = N(0, I)``, ``p(x|z) = N(W z + b, 0.25 I)``, and a full-covariance linear guide set
+    to the exact posterior ``N(S W^T (x - b) / sigma^2, S)``, ``S = (I + W^T W / sigma^2)^-1``."""
+    model = LatentVariableModel((3,), 2, decoder=LINEAR, likelihood=lambda: GaussianLikelihood(scale=NOISE))
+    guide = FullCovarianceGaussianGuide((3,), 2, encoder=LINEAR)
+    covariance = torch.linalg.inv(torch.eye(2) + W_FULL.T @ W_FULL / NOISE**2)
+    gain, cholesky = covariance @ W_FULL.T / NOISE**2, torch.linalg.cholesky(covariance)
+    with torch.no_grad():
+        model.decoder.layers[0].weight.copy_(W_FULL)
+        model.decoder.layers[0].bias.copy_(B)
+        encoder = guide.encoder.layers[0]
+        encoder.weight.zero_()
+        encoder.weight[:2] = gain
+        encoder.bias[:2] = -gain @ B
+        # tril entries in torch.tril_indices order: (0, 0), (1, 0), (1, 1); diagonal through softplus
+        raw_diagonal = torch.log(torch.expm1(cholesky.diagonal() - guide.scale_floor))
+        encoder.bias[2:] = torch.stack([raw_diagonal[0], cholesky[1, 0], raw_diagonal[1]])
+        if not exact:
+            encoder.bias[:2] += 0.7
+    return model, guide
+
+
+def full_covariance_evidence(x):
+    return torch.distributions.MultivariateNormal(B, W_FULL @ W_FULL.T + NOISE**2 * torch.eye(3)).log_prob(x)
+
+
+def test_full_covariance_guide_at_the_exact_posterior_gives_the_evidence():
+    """With q = p(z|x), log p(x, z) - log q(z|x) = log p(x) for every z: the Monte-Carlo ELBO and
+    the IWAE bound are exact for any number of samples."""
+    model, guide = linear_gaussian_full()
+    x = data()
+    expected = -full_covariance_evidence(x).mean()
+    assert ELBOLoss(model, guide, kl="monte_carlo")(x).item() == pytest.approx(expected.item(), rel=1e-5)
+    for k in (1, 4):
+        assert IWAELoss(model, guide, num_samples=k)(x).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_full_covariance_kl_to_a_diagonal_gaussian_is_closed_form_and_used_by_the_elbo():
+    generator = torch.Generator().manual_seed(0)
+    loc, loc_q = torch.randn(2, 5, 4, generator=generator)
+    scale_tril = torch.randn(5, 4, 4, generator=generator).tril(-1) + torch.diag_embed(torch.rand(5, 4, generator=generator) + 0.5)
+    scale_q = torch.rand(5, 4, generator=generator) + 0.5
+    reference = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(loc, scale_tril=scale_tril),
+        torch.distributions.MultivariateNormal(loc_q, scale_tril=torch.diag_embed(scale_q)),
+    )
+    torch.testing.assert_close(kl_mvn_diagonal_normal(loc, scale_tril, loc_q, scale_q), reference)
+    model, guide = linear_gaussian_full(exact=False)
+    x = data()
+    q = guide.posterior(x)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(q.loc, scale_tril=q.scale_tril),
+        torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2)),
+    ).mean()
+    assert ELBOLoss(model, guide, kl="analytic").terms(x).kl.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("flow", ["iaf", "coupling"])
+def test_flow_guide_density_is_the_change_of_variables(flow):
+    """log q(z) = log N(z_0; mu, sigma) - log |det dz/dz_0|, with the Jacobian by autograd."""
+    torch.manual_seed(0)
+    guide = FlowGuide((3,), 4, encoder=partial(MLP, hidden=(8,)), flow=flow, num_flows=3, hidden=(16,))
+    x = torch.randn(1, 3)
+    q = guide.posterior(x)
+    z0 = q.base_dist.sample()
+
+    def push(base_point):
+        for transform in q.transforms:
+            base_point = transform(base_point)
+        return base_point
+
+    jacobian = torch.autograd.functional.jacobian(lambda point: push(point[None])[0], z0[0])
+    z = push(z0)
+    expected = q.base_dist.log_prob(z0) - torch.linalg.slogdet(jacobian).logabsdet
+    torch.testing.assert_close(q.log_prob(z), expected, rtol=1e-4, atol=1e-4)
+    assert q.rsample((6,)).shape == (6, 1, 4) and posterior_location(q).shape == (1, 4)
+
+
+@pytest.mark.parametrize("guide", [GaussianEncoderGuide, FullCovarianceGaussianGuide, partial(FlowGuide, num_flows=2, hidden=(16,))])
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_kl_weight_composes_with_every_guide_and_objective(guide, objective):
+    """loss = reconstruction + beta * KL for one sample (IWAE with k = 1 is the ELBO)."""
+    module = VAEModule(data_shape=(3,), latent_dim=2, guide=partial(guide, encoder=LINEAR), objective=objective,
+                       model=partial(LatentVariableModel, decoder=LINEAR, likelihood=lambda: GaussianLikelihood(scale=NOISE)))
+    module.objective.kl_weight = 0.3
+    torch.manual_seed(1)
+    terms = module.objective.terms(data())
+    assert terms.loss.item() == pytest.approx((terms.reconstruction + 0.3 * terms.kl).item(), rel=1e-5)
+
+
+def test_mixture_prior_kl_falls_back_to_monte_carlo_and_matches_the_closed_form_it_reduces_to():
+    """A one-component mixture at N(0, I) is N(0, I): the Monte-Carlo KL over many particles
+    approaches the analytic KL of the plain Gaussian prior."""
+    model_factory = partial(LatentVariableModel, decoder=LINEAR, likelihood=lambda: GaussianLikelihood(scale=NOISE),
+                            prior=partial(MixtureOfGaussiansPrior, num_components=1))
+    model = model_factory((3,), 2)
+    with torch.no_grad():
+        model.prior.locs.zero_()
+    guide = GaussianEncoderGuide((3,), 2, encoder=LINEAR)
+    x = data(4)
+    torch.manual_seed(0)
+    monte_carlo = ELBOLoss(model, guide, kl="analytic", num_particles=20_000).terms(x).kl
+    analytic = torch.distributions.kl_divergence(guide.posterior(x), torch.distributions.Independent(torch.distributions.Normal(torch.zeros(2), torch.ones(2)), 1)).mean()
+    assert monte_carlo.item() == pytest.approx(analytic.item(), abs=0.02)
+
+
+def test_vamp_prior_is_the_mean_of_the_guides_posteriors_at_its_pseudo_inputs():
+    module = VAEModule(data_shape=(3,), latent_dim=2, guide=partial(GaussianEncoderGuide, encoder=LINEAR),
+                       model=partial(LatentVariableModel, decoder=LINEAR, prior=partial(VampPrior, num_pseudo_inputs=7, data_shape=(3,))))
+    z = torch.randn(5, 2)
+    components = module.guide.posterior(module.model.prior.pseudo_inputs())
+    expected = torch.logsumexp(components.log_prob(z[:, None]), -1) - math.log(7)
+    torch.testing.assert_close(module.model.prior().log_prob(z), expected)
+    # the pseudo-inputs learn through the ELBO; the guide's parameters are not registered twice
+    module.objective(torch.bernoulli(torch.rand(4, 3))).backward()
+    assert module.model.prior.raw_pseudo_inputs.grad.abs().sum() > 0
+    names = [name for name, _ in module.named_parameters()]
+    assert not any(name.startswith("model.prior.") and "guide" in name for name in names)
+
+
+def test_missing_capabilities_are_refused_when_the_module_is_built():
+    with pytest.raises(ConfigError, match="VAEModule needs a guide with density"):
+        VAEModule(guide=DeltaEncoderGuide)
+    with pytest.raises(ConfigError, match="VampPrior needs a guide with log_prob.*FlowGuide"):
+        VAEModule(guide=FlowGuide, model=partial(LatentVariableModel, prior=VampPrior))
+
+    class PlainPyroGuide(torch.nn.Module):  # declares nothing: a density, but no posterior()
+        def __init__(self, data_shape, latent_dim):
+            super().__init__()
+
+    with pytest.raises(ConfigError, match="VAEModule needs a guide with posterior.*rsample"):
+        VAEModule(guide=PlainPyroGuide, objective="iwae")
+    ELBOLoss(LatentVariableModel((1, 28, 28), 4), PlainPyroGuide((1, 28, 28), 4))  # the ELBO needs only a density
