@@ -37,7 +37,7 @@ from varinf.divergences import (
     monte_carlo_kl,
     wasserstein_1d,
 )
-from varinf.errors import ConfigError, DataError
+from varinf.errors import ConfigError, DataError, NumericalError
 from varinf.evaluation import importance_sampled_nll
 from varinf.guides import (
     DeltaEncoderGuide,
@@ -59,8 +59,9 @@ from varinf.priors import MixtureOfGaussiansPrior, StandardNormalPrior, VampPrio
 
 __all__ = [
     "ADVERSARIAL_LOSSES",
+    "DATA_PLATE",
     "LATENT",
-    "MLP", "NetworkFactory",
+    "MLP",
     "OBSERVED",
     "AAEModule",
     "ALIModule",
@@ -71,7 +72,7 @@ __all__ = [
     "ConfigError",
     "ContinuousBernoulliLikelihood",
     "ConvDecoder",
-    "ConvEncoder", "DATA_PLATE",
+    "ConvEncoder",
     "DataError",
     "DeltaEncoderGuide",
     "ELBOLoss",
@@ -87,6 +88,8 @@ __all__ = [
     "MNISTDataModule",
     "MixtureOfGaussiansPrior",
     "ModeCoverage",
+    "NetworkFactory",
+    "NumericalError",
     "RingDataModule",
     "StandardNormalPrior",
     "TensorBatches",

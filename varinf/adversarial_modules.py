@@ -143,8 +143,10 @@ class AdversarialModule(GenerativeModule):
         optimizer = self.optimizer(name)
         with self.trainable(name):
             loss = phase()
+            self.check_finite(f"{name} phase", loss)
             optimizer.zero_grad()
             self.manual_backward(loss)
+            self.check_gradients(f"{name} phase", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
             if name in self.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
             optimizer.step()

@@ -1,7 +1,8 @@
 """The ``varinf`` command line.
 
-* ``varinf fit --config recipes/vae_mnist.yaml [--key value ...]``: LightningCLI; fits, then tests
-  the best checkpoint. Unknown keys and wrong types are rejected with the key named.
+* ``varinf fit --config recipes/vae_mnist.yaml [--key value ...] [--resume]``: LightningCLI;
+  fits, then tests the best checkpoint. Unknown keys and wrong types are rejected with the key
+  named. ``--resume`` continues the recipe's latest run from its ``last.ckpt``.
 * ``varinf evaluate --ckpt PATH [--metrics nll parzen fid ...]``: the evaluation suite.
 * ``varinf train-classifier``: (re)train the MNIST classifier behind the sample-based metrics.
 * ``varinf sample --ckpt PATH [--n 64] [--out grid.png]``: a PNG grid of model samples.
@@ -13,12 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import ActionYesNo
 from pytorch_lightning import Callback, LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
 from varinf.callbacks import save_samples
 from varinf.classifier import DEFAULT_WEIGHTS, train_classifier
-from varinf.errors import ConfigError, DataError
+from varinf.errors import ConfigError, DataError, NumericalError
 from varinf.evaluation import (
     METRICS,
     append_results,
@@ -47,6 +49,23 @@ class RecordImportPaths(Callback):
         checkpoint[IMPORT_PATHS_KEY] = self.folders
 
 
+def last_checkpoint(logger) -> tuple[str, int]:
+    """The ``last.ckpt`` of the newest run version of a recipe's logger, and that version."""
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or not init_args.get("save_dir") or not init_args.get("name"):
+        raise ConfigError("--resume finds the run by the logger's save_dir and name; give the trainer a logger with both (the recipes' CSVLogger).")
+    folder = Path(init_args.save_dir) / init_args.name
+    versions = sorted(
+        (int(path.parent.parent.name.removeprefix("version_")), path)
+        for path in folder.glob("version_*/checkpoints/last.ckpt")
+        if path.parent.parent.name.removeprefix("version_").isdigit()
+    )
+    if not versions:
+        raise ConfigError(f"--resume: there is no run to resume in {folder} (no version_*/checkpoints/last.ckpt); fit once without --resume.")
+    version, path = versions[-1]
+    return str(path), version
+
+
 class VarinfCLI(LightningCLI):
     """LightningCLI that tests the best checkpoint after fitting, and reports a bad setting found
     while building the model or data as the :class:`ConfigError` it is."""
@@ -54,6 +73,18 @@ class VarinfCLI(LightningCLI):
     def __init__(self, *args, import_paths: list[str] = (), **kwargs):
         self.import_paths = list(import_paths)
         super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--resume", action=ActionYesNo, default=False,
+            help="continue the latest run of this recipe (the newest <save_dir>/<name>/version_N) from its last.ckpt, "
+            "with its optimisers, schedulers, epoch and random states; logs go on in the same folder",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("resume"):
+            config.ckpt_path, config.trainer.logger.init_args.version = last_checkpoint(config.trainer.logger)
 
     def instantiate_classes(self) -> None:
         try:
@@ -177,5 +208,5 @@ def main(argv: list[str] | None = None) -> None:
             command(args[1:])
         else:
             fit(argv)
-    except (ConfigError, DataError) as error:
+    except (ConfigError, DataError, NumericalError) as error:
         sys.exit(f"varinf: error: {error}")

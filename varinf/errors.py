@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
     """A data file is missing, truncated, corrupt or not what it claims to be."""
+
+
+class NumericalError(FloatingPointError):
+    """Training produced a NaN or inf; raised before the bad step can reach a checkpoint."""

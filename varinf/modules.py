@@ -7,12 +7,13 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from varinf.callbacks import EpochSummary, ImageGrids
-from varinf.errors import ConfigError
+from varinf.errors import ConfigError, NumericalError
 from varinf.guides import (
     GaussianEncoderGuide,
     GuideFactory,
@@ -25,6 +26,7 @@ from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 STAGES = ("train", "val", "test")
+RNG_STATES_KEY = "varinf_rng_states"
 
 
 class GenerativeModule(pl.LightningModule):
@@ -44,6 +46,51 @@ class GenerativeModule(pl.LightningModule):
         else:
             checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
         return [checkpoint, ImageGrids(), EpochSummary()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[RNG_STATES_KEY] = _collect_rng_states(include_cuda=self.device.type == "cuda")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_rng_states = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_start(self) -> None:
+        """On resuming, restore the random states of the checkpoint (Python, numpy, torch and so
+        Pyro), after the sanity check has drawn from them: the data order, binarisation and
+        samples then continue exactly as in an uninterrupted run."""
+        if getattr(self, "_resumed_rng_states", None) is not None:
+            _set_rng_states(self._resumed_rng_states)
+            self._resumed_rng_states = None
+
+    def check_finite(self, phase: str, loss: Tensor, terms: dict[str, Tensor] | None = None) -> None:
+        """Stop at once if ``loss`` is NaN or inf, before it reaches an optimiser step or a
+        checkpoint, naming the bad terms, the step and the last good checkpoint."""
+        if bool(torch.isfinite(loss)):
+            return
+        bad = [name for name, value in (terms or {}).items() if not bool(torch.isfinite(value).all())]
+        raise NumericalError(
+            f"The {phase} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
+            + (f"; non-finite: {', '.join(bad)}" if bad else "") + f". {self._stopped_hint()}"
+        )
+
+    def check_gradients(self, phase: str, parameters) -> None:
+        """Stop at once if any gradient of ``parameters`` (named) is NaN or inf, before the step."""
+        named = [(name, p.grad) for name, p in parameters if p.grad is not None]
+        if not named or bool(torch.stack(torch._foreach_norm([grad for _, grad in named])).isfinite().all()):
+            return
+        bad = [name for name, grad in named if not bool(torch.isfinite(grad).all())]
+        raise NumericalError(
+            f"The {phase} gradients are NaN or inf at epoch {self.current_epoch}, step {self.global_step}, "
+            f"first in {bad[0]} ({len(bad)} tensors). {self._stopped_hint()}"
+        )
+
+    def _stopped_hint(self) -> str:
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        last = callback.last_model_path if callback is not None else ""
+        where = f"The last good checkpoint is {last}" if last else "No checkpoint was written yet"
+        return (
+            f"Training stopped without a further step or checkpoint. {where}; resume from it with --resume "
+            "after lowering the learning rate, clipping gradients (grad_clip) or checking the data."
+        )
 
     def build_guide(self, guide: GuideFactory, needs: Sequence[str]) -> None:
         """Build ``self.guide`` for ``self.model``, check that it has the capabilities ``needs``, and
@@ -142,6 +189,8 @@ class VAEModule(GenerativeModule):
         x, _ = batch
         self.objective.kl_weight = self.kl_weight() if stage == "train" else 1.0
         terms = self.objective.terms(x)
+        if stage == "train":
+            self.check_finite("training", terms.loss, {"reconstruction (site 'x')": terms.reconstruction, "kl (site 'z')": terms.kl})
         active_units = self.active_units[f"{stage}_set"]
         active_units.update(terms.posterior_mean)
         on_step = stage == "train"
@@ -153,6 +202,9 @@ class VAEModule(GenerativeModule):
 
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.check_gradients("training", self.named_parameters())
 
     def validation_step(self, batch, batch_idx):
         self.step(batch, "val")

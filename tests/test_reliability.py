@@ -1,0 +1,103 @@
+"""Faults: NaNs stop training before a bad checkpoint, killed fits resume exactly, runs repeat."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from pytorch_lightning import Callback
+
+from varinf import NumericalError, load_module
+from varinf.cli import fit
+
+BUDGET = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
+RECIPES = {  # recipe: extra settings for a short fit
+    "vae_mnist": ["--trainer.max_epochs=3", "--trainer.limit_train_batches=60"],
+    "gan_mnist": ["--trainer.max_epochs=3", "--trainer.limit_train_batches=60"],
+}
+
+
+def fit_command(recipe: str, save_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-c", "from varinf.cli import main; main()", "fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"),
+        *RECIPES[recipe], *BUDGET, f"--trainer.logger.init_args.save_dir={save_dir}", *extra,
+    ]
+
+
+def final_state(save_dir: Path, recipe: str) -> dict[str, torch.Tensor]:
+    (checkpoint,) = save_dir.glob(f"{recipe}/version_*/checkpoints/last.ckpt")
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_a_fit_killed_mid_epoch_resumes_to_the_same_result(tmp_path, recipe):
+    """SIGKILL during the second epoch, then --resume: the final weights equal those of an
+    uninterrupted fit with the same seed (data order, binarisation and noise included)."""
+    subprocess.run(fit_command(recipe, tmp_path / "whole"), check=True, capture_output=True)
+    killed = subprocess.Popen(fit_command(recipe, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_epoch = tmp_path / "killed" / recipe / "version_0" / "images" / "samples_epoch_000.png"
+    while not first_epoch.exists():
+        assert killed.poll() is None, "the fit ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the second epoch
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resumed = subprocess.run(fit_command(recipe, tmp_path / "killed", "--resume"), capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole, again = final_state(tmp_path / "whole", recipe), final_state(tmp_path / "killed", recipe)
+    assert whole.keys() == again.keys()
+    for name in whole:
+        torch.testing.assert_close(again[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_without_a_run_names_the_folder(tmp_path):
+    result = subprocess.run(fit_command("vae_mnist", tmp_path, "--resume"), capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "no run to resume" in result.stderr and str(tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+class PoisonAt(Callback):
+    """Makes a parameter (or only its gradient) NaN at one training step."""
+
+    def __init__(self, step: int, gradient_only: bool = False):
+        self.step, self.gradient_only = step, gradient_only
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            parameter = next(pl_module.model.decoder.parameters())
+            if self.gradient_only:
+                parameter.register_hook(lambda grad: grad * float("nan"))
+            else:
+                with torch.no_grad():
+                    parameter.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("gradient_only", [False, True])
+def test_a_nan_stops_training_at_once_and_keeps_the_last_good_checkpoint(tmp_path, gradient_only):
+    poison = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 7, "gradient_only": gradient_only}}])
+    with pytest.raises(NumericalError) as error:  # step 7 is in the second epoch, after one checkpoint
+        fit(["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=3", "--trainer.limit_train_batches=5",
+             *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks={poison}"])
+    message = str(error.value)
+    assert "step 7" in message and "last.ckpt" in message and "--resume" in message
+    assert ("gradients" in message) if gradient_only else ("reconstruction (site 'x')" in message)
+    checkpoint = tmp_path / "vae_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert stored["global_step"] == 5 and all(torch.isfinite(value).all() for value in stored["state_dict"].values())
+    load_module(str(checkpoint))  # whole and loadable
+
+
+def test_the_same_recipe_and_seed_give_identical_results(tmp_path):
+    results = []
+    for run in ("first", "second"):
+        cli = fit(["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=2", "--trainer.limit_train_batches=5",
+                   *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path / run}"])
+        results.append((float(cli.trainer.callback_metrics["test/negative_elbo"]), cli.model.state_dict()))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][name], results[1][1][name]) for name in results[0][1])
