@@ -26,7 +26,7 @@ from varinf.adversarial import ADVERSARIAL_LOSSES, DIVERGENCE_READOUTS, gradient
 from varinf.errors import ConfigError
 from varinf.guides import GaussianEncoderGuide, GuideFactory
 from varinf.models import LatentVariableModel, ModelFactory
-from varinf.modules import GenerativeModule
+from varinf.modules import GenerativeModule, check_optimizer
 from varinf.networks import MLP, NetworkFactory
 
 ENCODER_NEEDS = ("posterior", "rsample")
@@ -75,9 +75,10 @@ class AdversarialModule(GenerativeModule):
         self.generator_steps = 0
         self._batch_size, self._evaluation_stage = None, "val"
 
-    def check_discriminator(self) -> None:
-        """Reject batch normalisation in a gradient-penalised critic: the penalty is per sample,
-        and batch norm makes each output depend on the whole batch (Gulrajani et al. 2017, 4)."""
+    def check_settings(self) -> None:
+        """Reject, before training, batch normalisation in a gradient-penalised critic (the penalty
+        is per sample, and batch norm makes each output depend on the whole batch; Gulrajani et
+        al. 2017, section 4), gradient clipping of unknown optimisers and bad optimiser settings."""
         if self.loss.gradient_penalty and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.discriminator.modules()):
             raise ConfigError(
                 f"The discriminator of {type(self).__name__} uses batch normalisation, which a gradient-penalised critic "
@@ -87,6 +88,8 @@ class AdversarialModule(GenerativeModule):
         unknown = set(self.grad_clip) - set(self.optimizer_factories)
         if unknown:
             raise ConfigError(f"grad_clip names unknown optimisers {sorted(unknown)}; the optimisers are {sorted(self.optimizer_factories)}.")
+        for name, (factory, _) in self.optimizer_factories.items():
+            check_optimizer(factory, f"{name}_optimizer")
 
     def discriminate(self, side: Tensor) -> Tensor:
         """Discriminator logits (or critic values), one per sample."""
@@ -248,7 +251,7 @@ class GANModule(AdversarialModule):
             "discriminator": (discriminator_optimizer, [self.discriminator]),
             "generator": (generator_optimizer, [self.model]),
         }
-        self.check_discriminator()
+        self.check_settings()
 
     def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x, self.model.generate(self.model.prior().sample((x.shape[0],)))
@@ -304,7 +307,7 @@ class AAEModule(AdversarialModule):
             "discriminator": (discriminator_optimizer, [self.discriminator]),
             "encoder": (encoder_optimizer, [self.guide]),
         }
-        self.check_discriminator()
+        self.check_settings()
 
     def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.model.prior().sample((x.shape[0],)), self.guide.posterior(x).rsample()
@@ -373,7 +376,7 @@ class ALIModule(AdversarialModule):
             "discriminator": (discriminator_optimizer, [self.discriminator]),
             "generator": (generator_optimizer, [self.guide, self.model]),
         }
-        self.check_discriminator()
+        self.check_settings()
 
     def sides(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z_data = self.guide.posterior(x).rsample()

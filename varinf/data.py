@@ -214,6 +214,8 @@ class TensorDataModule(pl.LightningDataModule):
     """
 
     data_shape: tuple[int, ...]
+    value_range: tuple[float, float] | None = None
+    """The interval every datapoint lies in (checked by ``setup``), or None."""
 
     def __init__(self, batch_size: int, eval_batch_size: int, use_dataloader: bool | None):
         super().__init__()
@@ -229,7 +231,22 @@ class TensorDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            self.splits = {name: (x.to(self.device), y.to(self.device)) for name, (x, y) in self.load_splits().items()}
+            splits = self.load_splits()
+            for name, (data, _) in splits.items():
+                self.check_values(name, data)
+            self.splits = {name: (x.to(self.device), y.to(self.device)) for name, (x, y) in splits.items()}
+
+    def check_values(self, split: str, data: Tensor) -> None:
+        """Refuse non-finite data, and data outside ``value_range``, naming the split."""
+        if not torch.isfinite(data).all():
+            raise DataError(f"The {split} split of {type(self).__name__} holds NaN or inf values; clean the data (or its transform) first.")
+        if self.value_range is not None:
+            low, high = self.value_range
+            if data.min() < low or data.max() > high:
+                raise DataError(
+                    f"The {split} split of {type(self).__name__} has values in [{data.min():.4g}, {data.max():.4g}], outside [{low}, {high}] "
+                    "after its transform; rescale the data (images as intensities in [0, 1])."
+                )
 
     @property
     def device(self) -> torch.device:
@@ -280,6 +297,8 @@ class MNISTDataModule(TensorDataModule):
         download: fetch the official files through torchvision if they are missing (needs internet).
         batch_size, eval_batch_size, use_dataloader: see :class:`TensorDataModule`.
     """
+
+    value_range = (0.0, 1.0)
 
     data_shape = (1, *IMAGE_SHAPE)
 

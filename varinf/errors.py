@@ -6,7 +6,8 @@ class ConfigError(ValueError):
 
 
 class DataError(RuntimeError):
-    """A data file is missing, truncated, corrupt or not what it claims to be."""
+    """Data is missing, truncated, corrupt or out of range: a file, or a tensor of the wrong shape
+    or with values outside what the model takes."""
 
 
 class NumericalError(FloatingPointError):

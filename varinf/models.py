@@ -15,6 +15,7 @@ import pyro.distributions as dist
 from pyro.nn import PyroModule
 from torch import Tensor
 
+from varinf.errors import ConfigError, DataError
 from varinf.likelihoods import BernoulliLikelihood, LikelihoodFactory
 from varinf.networks import MLP, NetworkFactory
 from varinf.priors import PriorFactory, StandardNormalPrior
@@ -32,7 +33,7 @@ DATA_PLATE = "data"
 def check_data_shape(x: Tensor, data_shape: Sequence[int], where: str) -> None:
     """Raise a clear error unless ``x`` is a batch of shape ``(B, *data_shape)``."""
     if tuple(x.shape[1:]) != tuple(data_shape):
-        raise ValueError(
+        raise DataError(
             f"{where} expects a batch of shape (B, {', '.join(map(str, data_shape))}), got {tuple(x.shape)}. "
             "Set the module's data_shape to match the data, or reshape the batch."
         )
@@ -58,6 +59,8 @@ class LatentVariableModel(PyroModule):
         prior: PriorFactory = StandardNormalPrior,
     ):
         super().__init__()
+        if latent_dim < 1:
+            raise ConfigError(f"latent_dim must be at least 1, got {latent_dim}.")
         self.data_shape, self.latent_dim = tuple(data_shape), latent_dim
         self.decoder = decoder((latent_dim,), self.data_shape)
         self.likelihood = likelihood()

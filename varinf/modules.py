@@ -21,6 +21,7 @@ from varinf.guides import (
     posterior_location,
     require_capabilities,
 )
+from varinf.likelihoods import BernoulliLikelihood
 from varinf.metrics import ActiveUnits
 from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
@@ -174,9 +175,30 @@ class VAEModule(GenerativeModule):
         else:
             self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
         self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
+        check_optimizer(optimizer, "optimizer")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         # ModuleDict keys must not shadow nn.Module attributes such as `train`.
         self.active_units = torch.nn.ModuleDict({f"{stage}_set": ActiveUnits(latent_dim) for stage in STAGES})
+
+    def setup(self, stage: str) -> None:
+        """Refuse a Bernoulli likelihood on data that is not binary (grey levels without a declared
+        binarisation): its log-likelihood would be silently wrong."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(self.model.likelihood, BernoulliLikelihood) or datamodule is None:
+            return
+        binarize = getattr(datamodule, "binarize", None)
+        if binarize is None:
+            datamodule.setup(stage)
+            data = datamodule.splits["train"][0]
+            binary = bool(((data == 0) | (data == 1)).all())
+        else:
+            binary = binarize != "none"
+        if not binary:
+            raise ConfigError(
+                f"BernoulliLikelihood needs binary data, but {type(datamodule).__name__} serves grey levels"
+                + (" (binarize: none)" if binarize == "none" else "")
+                + ". Set the data's `binarize: dynamic` (or static), or use varinf.ContinuousBernoulliLikelihood for grey levels."
+            )
 
     def kl_weight(self) -> float:
         """The KL weight for the current step: ``beta * min(1, step / warm-up steps)``."""
@@ -217,6 +239,18 @@ class VAEModule(GenerativeModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+
+
+def check_optimizer(factory: OptimizerCallable, name: str) -> None:
+    """Build the optimiser once on a probe parameter, so that a bad setting (a learning rate <= 0,
+    say) is refused before training starts, with the recipe key named."""
+    try:
+        optimizer = factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{name}: {error}.") from None
+    for group in optimizer.param_groups:
+        if "lr" in group and not float(group["lr"]) > 0:
+            raise ConfigError(f"{name}: the learning rate must be > 0, got lr={group['lr']}.")
 
 
 def import_class(class_path: str) -> type:
