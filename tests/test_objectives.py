@@ -9,6 +9,8 @@ import torch
 
 from varinf import (
     MLP,
+    ConfigError,
+    DataError,
     ELBOLoss,
     GaussianEncoderGuide,
     GaussianLikelihood,
@@ -138,11 +140,11 @@ def test_kl_weight_scales_only_the_latent_site():
 
 def test_wrong_shapes_and_settings_are_rejected_with_a_clear_message():
     model, guide = linear_gaussian()
-    with pytest.raises(ValueError, match=r"shape \(B, 3\)"):
+    with pytest.raises(DataError, match=r"shape \(B, 3\)"):
         ELBOLoss(model, guide)(torch.zeros(4, 5))
-    with pytest.raises(ValueError, match="kl must be"):
+    with pytest.raises(ConfigError, match="kl must be"):
         ELBOLoss(model, guide, kl="exact")
-    with pytest.raises(ValueError, match="scale > 0"):
+    with pytest.raises(ConfigError, match="scale > 0"):
         GaussianLikelihood(scale=0)
 
 

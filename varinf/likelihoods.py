@@ -11,6 +11,8 @@ import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
 
+from varinf.errors import ConfigError
+
 
 class BernoulliLikelihood(nn.Module):
     """``p(x|z) = prod_d Bernoulli(x_d; sigmoid(l_d))`` with logits ``l`` from the decoder (binary x)."""
@@ -38,7 +40,7 @@ class GaussianLikelihood(nn.Module):
     def __init__(self, scale: float = 0.1, learn_scale: bool = False):
         super().__init__()
         if scale <= 0:
-            raise ValueError(f"GaussianLikelihood needs scale > 0, got {scale}.")
+            raise ConfigError(f"GaussianLikelihood needs scale > 0, got {scale}.")
         log_scale = torch.tensor(float(scale)).log()
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)

@@ -12,6 +12,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from varinf.errors import ConfigError, DataError
+
 Shape = Sequence[int]
 NetworkFactory = Callable[[Shape, Shape], nn.Module]
 """Builds a network from ``(in_shape, out_shape)``; in a recipe, a class path with ``init_args``."""
@@ -58,7 +60,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch_shape = x.shape[: x.dim() - len(self.in_shape)]
         if tuple(x.shape[len(batch_shape) :]) != self.in_shape:
-            raise ValueError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
+            raise DataError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
         return self.layers(x.reshape(-1, self.layers[0].in_features)).reshape(*batch_shape, *self.out_shape)
 
 
@@ -87,7 +89,7 @@ class ConvEncoder(nn.Module):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         c, h, w = self.in_shape
         if h % 4 or w % 4:
-            raise ValueError(f"ConvEncoder needs image sides divisible by 4, got {self.in_shape}.")
+            raise ConfigError(f"ConvEncoder needs image sides divisible by 4, got {self.in_shape}.")
         self.layers = nn.Sequential(
             nn.Conv2d(c, channels, 4, 2, 1),
             nn.LeakyReLU(0.2),
@@ -121,7 +123,7 @@ class ConvDecoder(nn.Module):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         c, h, w = self.out_shape
         if h % 4 or w % 4:
-            raise ValueError(f"ConvDecoder needs image sides divisible by 4, got {self.out_shape}.")
+            raise ConfigError(f"ConvDecoder needs image sides divisible by 4, got {self.out_shape}.")
         self.layers = nn.Sequential(
             nn.Linear(math.prod(self.in_shape), 2 * channels * (h // 4) * (w // 4)),
             _normalization(normalization, 2 * channels * (h // 4) * (w // 4), 1),

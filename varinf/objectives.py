@@ -14,6 +14,7 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
+from varinf.errors import ConfigError
 from varinf.guides import posterior_location, require_capabilities
 from varinf.models import LATENT
 
@@ -91,7 +92,7 @@ class ELBOLoss(nn.Module):
         super().__init__()
         require_capabilities(guide, self.needs, "The ELBO")
         if kl not in ("analytic", "monte_carlo"):
-            raise ValueError(f"kl must be 'analytic' or 'monte_carlo', got {kl!r}.")
+            raise ConfigError(f"kl must be 'analytic' or 'monte_carlo', got {kl!r}.")
         estimator = TraceMeanField_ELBO if kl == "analytic" else Trace_ELBO
         self.analytic = kl == "analytic"
         self.elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)(model, guide)
