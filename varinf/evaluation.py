@@ -23,6 +23,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from varinf.adversarial import DIVERGENCE_READOUTS, fit_density_ratio
 from varinf.classifier import MNISTClassifier, load_classifier
 from varinf.errors import ConfigError
+from varinf.guides import guide_capabilities
 from varinf.metrics import class_coverage, knn_precision_recall, parzen_log_likelihood
 from varinf.modules import import_class, load_module
 from varinf.objectives import log_importance_weights
@@ -139,10 +140,11 @@ class Evaluation:
 
     @property
     def capabilities(self) -> set[str]:
-        """What the metrics may need: ``likelihood`` (an encoder and an explicit likelihood, i.e. an
-        ELBO objective) and ``mnist_images`` (28x28 images, for the classifier-based metrics)."""
+        """What the metrics may need: ``likelihood`` (an explicit likelihood, i.e. an ELBO or IWAE
+        objective, and a guide with a ``posterior`` density to importance-sample from) and
+        ``mnist_images`` (28x28 images, for the classifier-based metrics)."""
         capabilities = set()
-        if hasattr(self.module, "objective") and hasattr(self.module, "guide"):
+        if hasattr(self.module, "objective") and {"posterior", "density"} <= guide_capabilities(getattr(self.module, "guide", None)):
             capabilities.add("likelihood")
         if tuple(self.data["test"].shape[1:]) == (1, 28, 28):
             capabilities.add("mnist_images")
