@@ -1,13 +1,14 @@
 """LightningModules that train varinf models, and loading them back from checkpoints."""
 
 import importlib
+import random
 import sys
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -30,6 +31,28 @@ STAGES = ("train", "val", "test")
 RNG_STATES_KEY = "varinf_rng_states"
 
 
+def random_states() -> dict:
+    """The Python, numpy and torch (CPU and CUDA) random states, as plain values and tensors that
+    ``torch.load(weights_only=True)`` reads back. Pyro draws from torch's generators."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_random_states(states: dict) -> None:
+    """Restore what :func:`random_states` returned."""
+    random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in states["python"]))
+    kind, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 class GenerativeModule(pl.LightningModule):
     """What every varinf LightningModule shares: the model side ``self.model`` (a
     :class:`~varinf.models.LatentVariableModel`), optionally a guide ``self.guide``, sampling and
@@ -49,7 +72,7 @@ class GenerativeModule(pl.LightningModule):
         return [checkpoint, ImageGrids(), EpochSummary()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[RNG_STATES_KEY] = _collect_rng_states(include_cuda=self.device.type == "cuda")
+        checkpoint[RNG_STATES_KEY] = random_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._resumed_rng_states = checkpoint.get(RNG_STATES_KEY)
@@ -59,7 +82,7 @@ class GenerativeModule(pl.LightningModule):
         Pyro), after the sanity check has drawn from them: the data order, binarisation and
         samples then continue exactly as in an uninterrupted run."""
         if getattr(self, "_resumed_rng_states", None) is not None:
-            _set_rng_states(self._resumed_rng_states)
+            set_random_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
     def check_finite(self, phase: str, loss: Tensor, terms: dict[str, Tensor] | None = None) -> None:
