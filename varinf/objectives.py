@@ -16,7 +16,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from varinf.errors import ConfigError
 from varinf.guides import posterior_location, require_capabilities
-from varinf.models import LATENT
+from varinf.models import LATENT, check_data_shape
 
 KLEstimator = Literal["analytic", "monte_carlo"]
 
@@ -166,6 +166,7 @@ class IWAELoss(nn.Module):
 
     def terms(self, x: Tensor) -> ELBOTerms:
         """The loss, and the Monte-Carlo ELBO terms of the same K samples."""
+        check_data_shape(x, self.model.data_shape, "The IWAE objective")
         q = self.guide.posterior(x)
         z = q.rsample((self.num_samples,))
         log_likelihood = self.model.observation(z).log_prob(x)
