@@ -14,6 +14,7 @@ from conftest import REPO
 from pytorch_lightning import Callback
 
 from varinf import NumericalError, load_module
+from varinf.callbacks import AtomicCheckpointIO
 from varinf.cli import fit
 
 BUDGET = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
@@ -101,3 +102,19 @@ def test_the_same_recipe_and_seed_give_identical_results(tmp_path):
         results.append((float(cli.trainer.callback_metrics["test/negative_elbo"]), cli.model.state_dict()))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][name], results[1][1][name]) for name in results[0][1])
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    checkpoint_io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    checkpoint_io.save_checkpoint({"global_step": 1}, target)
+
+    def dying_save(obj, file):  # the process dies halfway through writing
+        file.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_io.save_checkpoint({"global_step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"global_step": 1}
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind

@@ -1,10 +1,13 @@
-"""Side work of training, kept out of the modules: image grids and per-epoch progress lines."""
+"""Side work of training, kept out of the modules: image grids, per-epoch progress lines and
+atomic checkpoint writing."""
 
+import os
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import save_image
 
@@ -127,3 +130,23 @@ class EpochSummary(pl.Callback):
         shown = " | ".join(f"{stage}: {', '.join(values)}" for stage, values in by_stage.items())
         elapsed = time.perf_counter() - self.started
         print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside its target, flushes it to disk, then
+    renames it over the target (``os.replace``, atomic on POSIX and Windows): a checkpoint on disk
+    is always whole, whenever the process dies. Lightning's own save stages the file in the system
+    temporary folder, and a move across filesystems is a copy, which a kill can cut short."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with temporary.open("wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)

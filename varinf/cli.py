@@ -18,7 +18,7 @@ from jsonargparse import ActionYesNo
 from pytorch_lightning import Callback, LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
 
-from varinf.callbacks import save_samples
+from varinf.callbacks import AtomicCheckpointIO, save_samples
 from varinf.classifier import DEFAULT_WEIGHTS, train_classifier
 from varinf.errors import ConfigError, DataError, NumericalError
 from varinf.evaluation import (
@@ -95,6 +95,7 @@ class VarinfCLI(LightningCLI):
                 cause = cause.__cause__ or cause.__context__
             raise cause or error
         self.trainer.callbacks.append(RecordImportPaths(self.import_paths))
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def after_fit(self) -> None:
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
