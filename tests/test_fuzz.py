@@ -35,7 +35,7 @@ VALUES = st.recursive(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from(SETTINGS), value=VALUES)
 def test_malformed_recipe_settings_exit_with_a_message(tmp_path, capsys, key, value):
     argv = ["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), f"--{key}={json.dumps(value)}", "--trainer.fast_dev_run=true",
@@ -47,7 +47,7 @@ def test_malformed_recipe_settings_exit_with_a_message(tmp_path, capsys, key, va
         assert exit.code != 0 and "Traceback" not in message and message.strip(), message
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.binary(max_size=64), dims=st.integers(1, 3), gz=st.booleans())
 def test_malformed_idx_files_raise_data_errors(tmp_path, payload, dims, gz):
     path = Path(tmp_path) / ("file.gz" if gz else "file")
@@ -60,7 +60,7 @@ def test_malformed_idx_files_raise_data_errors(tmp_path, payload, dims, gz):
         assert array.ndim == dims and array.dtype.name == "uint8"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=4), iwae=st.booleans())
 def test_batches_of_any_shape_are_accepted_or_refused_with_a_data_error(shape, iwae):
     model, guide = LatentVariableModel((3,), 2), GaussianEncoderGuide((3,), 2)

@@ -93,7 +93,12 @@ class VarinfCLI(LightningCLI):
             cause = error
             while cause is not None and not isinstance(cause, (ConfigError, DataError)):
                 cause = cause.__cause__ or cause.__context__
-            raise cause or error
+            if cause is None:  # a constructor failed on a value the types let through (null, say)
+                root = error
+                while root.__cause__ or root.__context__:
+                    root = root.__cause__ or root.__context__
+                raise ConfigError(f"The recipe could not be built: {type(root).__name__}: {root}. Check the values given in the recipe and on the command line (`--print_config` shows them all).") from error
+            raise cause from error
         self.trainer.callbacks.append(RecordImportPaths(self.import_paths))
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 

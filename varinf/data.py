@@ -174,6 +174,10 @@ def _download(root: Path, dataset: str) -> None:
     MNIST(root=str(root), train=True, download=True)
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class TensorBatches:
     """Mini-batches sliced from tensors that already live on the training device.
 
@@ -219,6 +223,9 @@ class TensorDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int, eval_batch_size: int, use_dataloader: bool | None):
         super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if not is_positive_int(value):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         self.batch_size, self.eval_batch_size, self.use_dataloader = batch_size, eval_batch_size, use_dataloader
         self.splits: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -317,6 +324,8 @@ class MNISTDataModule(TensorDataModule):
         super().__init__(batch_size, eval_batch_size, use_dataloader)
         if binarize not in ("dynamic", "static", "none"):
             raise ConfigError(f"binarize must be 'dynamic', 'static' or 'none', got {binarize!r}.")
+        if not is_positive_int(val_size) or not isinstance(seed, int):
+            raise ConfigError(f"val_size must be a positive integer and seed an integer, got val_size={val_size!r}, seed={seed!r}.")
         self.save_hyperparameters()
         self.data_dir, self.dataset, self.binarize = data_dir, dataset, binarize
         self.val_size, self.seed, self.download = val_size, seed, download
