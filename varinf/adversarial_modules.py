@@ -205,9 +205,11 @@ class AdversarialModule(GenerativeModule):
         self.evaluation_step(batch, "test")
 
     def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
         checkpoint["generator_steps"] = self.generator_steps
 
     def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
         self.generator_steps = checkpoint.get("generator_steps", 0)
 
 
