@@ -147,3 +147,17 @@ def test_shipped_classifier_reaches_99_percent_and_its_checksum_is_checked(tmp_p
         load_classifier(corrupt)
     with pytest.raises(DataError, match="No trained MNIST classifier"):
         load_classifier(tmp_path / "missing.pt")
+
+
+def test_precision_recall_separate_data_from_noise_on_classifier_features():
+    """Training images score high precision and recall against the test images; uniform noise
+    scores low precision (in the raw features it would score 1, inside a faint digit's ball)."""
+    splits = MNISTDataModule(binarize="none").load_splits()
+    test = splits["test"][0][:3000]
+    rows = {}
+    for name, images in (("train", splits["train"][0][:3000]), ("noise", torch.rand(3000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))):
+        batches = iter(images.split(1000))
+        evaluation = Evaluation(sample=lambda n, batches=batches: next(batches), data={"test": test}, num_samples=3000)
+        (rows[name],) = run_metrics(evaluation, ["precision_recall"])
+    assert rows["train"]["precision"] > 0.7 and rows["train"]["recall"] > 0.7
+    assert rows["noise"]["precision"] < 0.4 and rows["noise"]["recall"] < 0.05  # about 0.07 with 10k points
