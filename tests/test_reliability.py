@@ -13,9 +13,9 @@ import torch
 from conftest import REPO
 from pytorch_lightning import Callback
 
-from varinf import NumericalError, load_module
+from varinf import DataError, NumericalError, load_module
 from varinf.callbacks import AtomicCheckpointIO
-from varinf.cli import fit
+from varinf.cli import fit, main
 
 BUDGET = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
 RECIPES = {  # recipe: extra settings for a short fit
@@ -118,3 +118,40 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"global_step": 1}
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    "recipe, override, message",
+    [
+        ("vae_mnist", "--model.init_args.optimizer.init_args.lr=0", "optimizer: the learning rate must be > 0, got lr=0"),
+        ("vae_mnist", "--model.init_args.optimizer.init_args.lr=-0.001", "optimizer: Invalid learning rate: -0.001"),
+        ("gan_mnist", "--model.init_args.n_critic=0", "n_critic must be at least 1, got 0"),
+        ("vae_mnist", "--model.init_args.latent_dim=0", "latent_dim >= 1"),
+        ("vae_mnist", "--data.init_args.binarize=none", "BernoulliLikelihood needs binary data"),
+        ("vae_mnist", "--model.init_args.guide.class_path=varinf.NoSuchGuide", "NoSuchGuide"),
+        ("aae_mnist", "--model.init_args.guide.class_path=varinf.FlowGuide", None),  # has what the AAE needs: fits
+        ("vae_mnist", "--model.init_args.guide.class_path=varinf.DeltaEncoderGuide", "needs a guide with density"),
+    ],
+)
+def test_impossible_recipe_values_are_refused_before_training(tmp_path, capsys, recipe, override, message):
+    arguments = ["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--trainer.fast_dev_run=true", *BUDGET,
+                 f"--trainer.logger.init_args.save_dir={tmp_path}", override]
+    if message is None:
+        main(arguments)
+        return
+    with pytest.raises(SystemExit) as error:
+        main(arguments)
+    output = (str(error.value.code) if not isinstance(error.value.code, int) else "") + capsys.readouterr().err
+    assert message in output and "Traceback" not in output
+    assert not list(tmp_path.glob("**/*.ckpt"))  # refused before any training
+
+
+def test_data_outside_the_declared_range_is_refused_naming_the_split():
+    from varinf import MNISTDataModule
+
+    class ScaledMNIST(MNISTDataModule):
+        def load_splits(self):
+            return {name: (images * 255, labels) for name, (images, labels) in super().load_splits().items()}
+
+    with pytest.raises(DataError, match=r"train split of ScaledMNIST has values in \[0, 255\], outside \[0.0, 1.0\]"):
+        ScaledMNIST(binarize="none").setup("fit")
