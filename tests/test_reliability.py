@@ -155,3 +155,15 @@ def test_data_outside_the_declared_range_is_refused_naming_the_split():
 
     with pytest.raises(DataError, match=r"train split of ScaledMNIST has values in \[0, 255\], outside \[0.0, 1.0\]"):
         ScaledMNIST(binarize="none").setup("fit")
+
+
+def test_a_damaged_checkpoint_is_named_with_the_other_checkpoints_of_its_run(tmp_path, capsys):
+    arguments = ["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                 *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    main(arguments)
+    last = tmp_path / "vae_mnist" / "version_0" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    for command in (arguments + ["--resume"], ["evaluate", "--ckpt", str(last), "--metrics", "nll", "--k", "2"]):
+        with pytest.raises(SystemExit) as error:
+            main(command)
+        assert f"The checkpoint {last} cannot be read" in str(error.value.code) and "best.ckpt" in str(error.value.code)

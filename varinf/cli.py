@@ -28,7 +28,7 @@ from varinf.evaluation import (
     run_metrics,
     supported_metrics,
 )
-from varinf.modules import IMPORT_PATHS_KEY, load_module
+from varinf.modules import IMPORT_PATHS_KEY, load_module, read_checkpoint
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -63,6 +63,7 @@ def last_checkpoint(logger) -> tuple[str, int]:
     if not versions:
         raise ConfigError(f"--resume: there is no run to resume in {folder} (no version_*/checkpoints/last.ckpt); fit once without --resume.")
     version, path = versions[-1]
+    read_checkpoint(path)  # refuse a damaged checkpoint here, naming it, rather than deep inside Lightning
     return str(path), version
 
 

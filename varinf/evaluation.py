@@ -26,7 +26,7 @@ from varinf.classifier import MNISTClassifier, load_classifier
 from varinf.errors import ConfigError
 from varinf.guides import guide_capabilities
 from varinf.metrics import class_coverage, knn_precision_recall, parzen_log_likelihood
-from varinf.modules import import_class, load_module
+from varinf.modules import import_class, load_module, read_checkpoint
 from varinf.objectives import log_importance_weights
 
 
@@ -155,7 +155,7 @@ class Evaluation:
 def datamodule_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None = None):
     """The datamodule a checkpoint was fitted with (its saved hyperparameters), optionally
     reading the data from another folder."""
-    hparams = dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters", {}))
+    hparams = dict(read_checkpoint(checkpoint_path).get("datamodule_hyper_parameters", {}))
     hparams.pop("_instantiator", None)
     data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
     if data_dir is not None:

@@ -1,9 +1,11 @@
 """LightningModules that train varinf models, and loading them back from checkpoints."""
 
 import importlib
+import pickle
 import random
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -14,7 +16,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from varinf.callbacks import EpochSummary, ImageGrids
-from varinf.errors import ConfigError, NumericalError
+from varinf.errors import ConfigError, DataError, NumericalError
 from varinf.guides import (
     GaussianEncoderGuide,
     GuideFactory,
@@ -282,6 +284,19 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a checkpoint file (on the CPU), or a :class:`DataError` naming the file and
+    the fix when it is missing, truncated or not a checkpoint."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        others = sorted(str(other) for other in Path(path).parent.glob("*.ckpt") if other != Path(path))
+        raise DataError(
+            f"The checkpoint {path} cannot be read ({str(error).splitlines()[0]}): it is missing, truncated or not a checkpoint. "
+            + (f"Other checkpoints of this run: {', '.join(others)} (use one with --ckpt_path or --ckpt)." if others else "")
+        ) from None
+
+
 IMPORT_PATHS_KEY = "varinf_import_paths"
 """Checkpoint key of the recipe folders whose Python files the fitted classes came from."""
 
@@ -289,7 +304,7 @@ IMPORT_PATHS_KEY = "varinf_import_paths"
 def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:
     """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit`` (classes from
     files beside the recipe, such as a user's guide, are imported from the recipe's folder)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     for folder in checkpoint.get(IMPORT_PATHS_KEY, []):
         if folder not in sys.path:
             sys.path.append(folder)
