@@ -131,6 +131,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
         ("vae_mnist", "--model.init_args.guide.class_path=varinf.NoSuchGuide", "NoSuchGuide"),
         ("aae_mnist", "--model.init_args.guide.class_path=varinf.FlowGuide", None),  # has what the AAE needs: fits
         ("vae_mnist", "--model.init_args.guide.class_path=varinf.DeltaEncoderGuide", "needs a guide with density"),
+        ("vae_mnist", "--trainer.max_epochs=-5", "`max_epochs` must be a non-negative integer or -1"),
     ],
 )
 def test_impossible_recipe_values_are_refused_before_training(tmp_path, capsys, recipe, override, message):

@@ -17,6 +17,7 @@ import torch
 from jsonargparse import ActionYesNo
 from pytorch_lightning import Callback, LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from varinf.callbacks import AtomicCheckpointIO, save_samples
 from varinf.classifier import DEFAULT_WEIGHTS, train_classifier
@@ -197,6 +198,8 @@ def sample(argv: list[str]) -> None:
     parser.add_argument("--out", default="samples.png", help="PNG file to write (default samples.png)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be at least 1, got {args.n}")
     _check_checkpoint(parser, args.ckpt)
     module = load_module(args.ckpt, map_location=_device()).eval()
     torch.manual_seed(args.seed)
@@ -215,5 +218,5 @@ def main(argv: list[str] | None = None) -> None:
             command(args[1:])
         else:
             fit(argv)
-    except (ConfigError, DataError, NumericalError) as error:
+    except (ConfigError, DataError, NumericalError, MisconfigurationException) as error:  # Lightning's: a bad trainer setting
         sys.exit(f"varinf: error: {error}")
