@@ -184,7 +184,7 @@ def plot_divergence_curves(runs: dict[str, Path], path: Path) -> None:
         with (run / "metrics.csv").open() as file:
             rows = list(csv.DictReader(file))
         for key in ("js", "w1", "kl_data_model"):
-            column = f"train/divergence/{key}_epoch"
+            column = f"train/divergence/{key}"
             points = [(float(row["epoch"]), float(row[column])) for row in rows if row.get(column)]
             if points:
                 axis.plot(*zip(*points), marker=".", label=f"{model}: {key}")

@@ -73,7 +73,7 @@ def run_fit(tmp_path: Path, *extra: str):
 
 
 def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):
-    cli = run_fit(tmp_path)
+    cli = run_fit(tmp_path, "--trainer.log_every_n_steps=2")
     run = Path(cli.trainer.log_dir)
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     for image in ("samples.png", "reconstructions.png", "samples_epoch_000.png", "samples_epoch_001.png"):
@@ -82,7 +82,7 @@ def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):
     with (run / "metrics.csv").open() as file:
         for row in csv.DictReader(file):
             logged.update({name: float(value) for name, value in row.items() if value})
-    for name in ("train/negative_elbo_epoch", "train/kl_epoch", "train/reconstruction_epoch", "train/active_units",
+    for name in ("train/negative_elbo", "train/kl", "train/reconstruction", "train/active_units", "train/loss_step",
                  "val/negative_elbo", "val/reconstruction", "val/kl", "val/active_units", "test/negative_elbo"):
         assert math.isfinite(logged[name]), name
     assert logged["test/negative_elbo"] == pytest.approx(logged["test/reconstruction"] + logged["test/kl"], rel=1e-5)
@@ -182,7 +182,7 @@ def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp
     cli = fit([
         "fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--trainer.max_epochs=1",
         f"--trainer.limit_train_batches={batches}", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-        "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=5", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
     ])
     module, run = cli.model, Path(cli.trainer.log_dir)
     assert module.generator_steps == batches // module.n_critic
@@ -196,9 +196,10 @@ def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp
     with (run / "metrics.csv").open() as file:
         columns = set(next(csv.reader(file)))
     expected = {"w1"} if module.loss.readout == "critic" else {"kl_data_model", "kl_model_data", "js"}
-    for stage, suffix in (("train", "_epoch"), ("val", "")):  # training metrics are logged per step and per epoch
-        assert {f"{stage}/divergence/{name}{suffix}" for name in expected} <= columns
-        assert f"{stage}/D/loss{suffix}" in columns
+    for stage in ("train", "val"):
+        assert {f"{stage}/divergence/{name}" for name in expected} <= columns
+        assert f"{stage}/D/loss" in columns
+    assert "train/D/loss_step" in columns  # training metrics are also logged per step
     assert type(load_module(str(run / "checkpoints" / "last.ckpt"))) is type(module)
 
 

@@ -19,7 +19,7 @@ from varinf.adversarial_modules import (
     ALIModule,
     GANModule,
 )
-from varinf.callbacks import EpochSummary, ImageGrids, ModeCoverage
+from varinf.callbacks import ImageGrids, ModeCoverage
 from varinf.data import (
     MNISTDataModule,
     RingDataModule,
@@ -76,7 +76,6 @@ __all__ = [
     "DataError",
     "DeltaEncoderGuide",
     "ELBOLoss",
-    "EpochSummary",
     "FlowGuide",
     "FullCovarianceGaussianGuide",
     "GANModule",

@@ -115,8 +115,7 @@ class AdversarialModule(GenerativeModule):
             self._log(f"divergence/{name}", readout(real_out, fake_out))
 
     def _log(self, name: str, value: Tensor) -> None:
-        stage = "train" if self.training else self._evaluation_stage
-        self.log(f"{stage}/{name}", value, on_step=self.training, on_epoch=True, batch_size=self._batch_size)
+        self.record("train" if self.training else self._evaluation_stage, name, value, self._batch_size)
 
     # --- the training loop -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -146,10 +145,10 @@ class AdversarialModule(GenerativeModule):
         optimizer = self.optimizer(name)
         with self.trainable(name):
             loss = phase()
-            self.check_finite(f"{name} phase", loss)
-            optimizer.zero_grad()
+            self.watch_finite({f"{name} loss": loss})
+            optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            self.check_gradients(f"{name} phase", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
+            self.watch_gradients(f"{name} gradients", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
             if name in self.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
             optimizer.step()
@@ -186,6 +185,7 @@ class AdversarialModule(GenerativeModule):
                 self.trainer.should_stop = True
 
     def on_train_epoch_end(self):
+        super().on_train_epoch_end()
         schedulers = self.lr_schedulers() or []
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()

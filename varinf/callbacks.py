@@ -111,27 +111,6 @@ class ModeCoverage(pl.Callback):
             pl_module.log(f"val/{name}", value)
 
 
-class EpochSummary(pl.Callback):
-    """Prints one line per epoch with the epoch-level metrics, when no progress bar is shown
-    (for example when the output is not a terminal)."""
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.started = time.perf_counter()
-
-    @rank_zero_only
-    def on_train_epoch_end(self, trainer, pl_module):
-        if trainer.progress_bar_callback is not None:
-            return
-        by_stage: dict[str, list[str]] = {}
-        for name, value in sorted(trainer.callback_metrics.items()):
-            stage, _, metric = name.rpartition("/")
-            if stage and not metric.endswith(("_step", "_epoch")) and value.numel() == 1:
-                by_stage.setdefault(stage, []).append(f"{metric} {float(value):.2f}")
-        shown = " | ".join(f"{stage}: {', '.join(values)}" for stage, values in by_stage.items())
-        elapsed = time.perf_counter() - self.started
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file beside its target, flushes it to disk, then
     renames it over the target (``os.replace``, atomic on POSIX and Windows): a checkpoint on disk

@@ -4,7 +4,8 @@ import importlib
 import pickle
 import random
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -13,9 +14,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
 
-from varinf.callbacks import EpochSummary, ImageGrids
+from varinf.callbacks import ImageGrids
 from varinf.errors import ConfigError, DataError, NumericalError
 from varinf.guides import (
     GaussianEncoderGuide,
@@ -29,7 +33,6 @@ from varinf.metrics import ActiveUnits
 from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
-STAGES = ("train", "val", "test")
 RNG_STATES_KEY = "varinf_rng_states"
 
 
@@ -65,15 +68,25 @@ class GenerativeModule(pl.LightningModule):
     """
 
     checkpoint_monitor: str | None = None
+    progress_bar_metrics: tuple[str, ...] = ()
+    """Names of the recorded metrics shown on the progress bar."""
+
+    def __init__(self):
+        super().__init__()
+        self._epoch_metrics: dict[str, Metric] = {}
+        self._first_non_finite: dict[str, Tensor] = {}
+        self.gradient_names: dict[str, list[str]] = {}
+        self._log_this_step = False
 
     def configure_callbacks(self):
         if self.checkpoint_monitor:
             checkpoint = ModelCheckpoint(monitor=self.checkpoint_monitor, mode="min", filename="best", save_last=True)
         else:
             checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
-        return [checkpoint, ImageGrids(), EpochSummary()]
+        return [checkpoint, ImageGrids()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.raise_if_not_finite()
         checkpoint[RNG_STATES_KEY] = random_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -87,27 +100,101 @@ class GenerativeModule(pl.LightningModule):
             set_random_states(self._resumed_rng_states)
             self._resumed_rng_states = None
 
-    def check_finite(self, phase: str, loss: Tensor, terms: dict[str, Tensor] | None = None) -> None:
-        """Stop at once if ``loss`` is NaN or inf, before it reaches an optimiser step or a
-        checkpoint, naming the bad terms, the step and the last good checkpoint."""
-        if bool(torch.isfinite(loss)):
-            return
-        bad = [name for name, value in (terms or {}).items() if not bool(torch.isfinite(value).all())]
-        raise NumericalError(
-            f"The {phase} loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}"
-            + (f"; non-finite: {', '.join(bad)}" if bad else "") + f". {self._stopped_hint()}"
-        )
+    # --- epoch metrics and numerical checks, kept on the device: no host sync per step ----------
+    def epoch_metric(self, key: str, make: Callable[[], Metric] = lambda: MeanMetric(nan_strategy="disable")) -> Metric:
+        """The torchmetrics ``Metric`` accumulating ``key`` (``{stage}/{name}``) over the current
+        epoch, made on the module's device at first use; logged and reset at the epoch's end."""
+        if key not in self._epoch_metrics:
+            self._epoch_metrics[key] = make().to(self.device)
+        return self._epoch_metrics[key]
 
-    def check_gradients(self, phase: str, parameters) -> None:
-        """Stop at once if any gradient of ``parameters`` (named) is NaN or inf, before the step."""
-        named = [(name, p.grad) for name, p in parameters if p.grad is not None]
-        if not named or bool(torch.stack(torch._foreach_norm([grad for _, grad in named])).isfinite().all()):
+    def record(self, stage: str, name: str, value: Tensor, batch_size: int) -> None:
+        """Add a batch mean to the epoch mean of ``{stage}/{name}``, without a Lightning ``log`` call
+        or a host sync. In training it is also logged as ``train/{name}_step`` every
+        ``log_every_n_steps`` batches (when Lightning writes step metrics)."""
+        key = f"{stage}/{name}"
+        value = value.detach()
+        self.epoch_metric(key).update(value, batch_size)
+        if stage == "train" and self._log_this_step:
+            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=name in self.progress_bar_metrics)
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log the epoch values of every metric of ``stage`` (reduced across processes), then reset them."""
+        for key, metric in self._epoch_metrics.items():
+            if key.startswith(f"{stage}/") and metric.update_count:
+                self.log(key, metric.compute(), prog_bar=key.rpartition("/")[2] in self.progress_bar_metrics)
+                metric.reset()
+
+    def watch_finite(self, checks: dict[str, Tensor]) -> None:
+        """Remember, on the device, the first step at which each named tensor held a NaN or inf (and
+        the index of its first bad entry); :meth:`raise_if_not_finite` reports it."""
+        for name, value in checks.items():
+            bad = ~torch.isfinite(value.detach().reshape(-1))
+            seen = self._first_non_finite.get(name)
+            if seen is None:
+                seen = torch.full((2,), -1, dtype=torch.long, device=value.device)
+            where = torch.stack([torch.full_like(seen[0], self.global_step), bad.long().argmax()])
+            self._first_non_finite[name] = torch.where(bad.any() & (seen[0] < 0), where, seen)
+
+    def raise_if_not_finite(self) -> None:
+        """Stop training if any watched tensor went NaN or inf: called every ``log_every_n_steps``
+        batches, at each epoch's end and before every checkpoint, so no checkpoint holds a NaN. The
+        error names each bad quantity with its first bad step, and the last good checkpoint."""
+        if not self._first_non_finite:
             return
-        bad = [name for name, grad in named if not bool(torch.isfinite(grad).all())]
-        raise NumericalError(
-            f"The {phase} gradients are NaN or inf at epoch {self.current_epoch}, step {self.global_step}, "
-            f"first in {bad[0]} ({len(bad)} tensors). {self._stopped_hint()}"
-        )
+        seen = {name: value.tolist() for name, value in self._first_non_finite.items()}
+        bad = sorted((step, name, index) for name, (step, index) in seen.items() if step >= 0)
+        if not bad:
+            return
+        parts = [
+            f"{name}{f' (first in {self.gradient_names[name][index]})' if name in self.gradient_names else ''} at step {step}"
+            for step, name, index in bad
+        ]
+        raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
+
+    def watch_gradients(self, name: str, parameters) -> None:
+        """:meth:`watch_finite` on the gradient norms of ``parameters`` (named), one foreach call."""
+        named = [(parameter_name, p.grad) for parameter_name, p in parameters if p.grad is not None]
+        if named:
+            self.gradient_names[name] = [parameter_name for parameter_name, _ in named]
+            self.watch_finite({name: torch.stack(torch._foreach_norm([grad for _, grad in named]))})
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Lightning writes step metrics when (batches done + 1) % log_every_n_steps == 0
+        self._log_this_step = (self.trainer.fit_loop.total_batch_idx + 1) % self.trainer.log_every_n_steps == 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._log_this_step:
+            self.raise_if_not_finite()
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_not_finite()
+        self.log_epoch_metrics("train")
+        self.print_epoch_summary()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
+
+    @rank_zero_only
+    def print_epoch_summary(self) -> None:
+        """One line per epoch with the epoch metrics, when no progress bar is shown (for example
+        when the output is not a terminal)."""
+        if self.trainer.progress_bar_callback is not None:
+            return
+        by_stage: dict[str, list[str]] = {}
+        for name, value in sorted(self.trainer.callback_metrics.items()):
+            stage, _, metric = name.rpartition("/")
+            if stage and not metric.endswith("_step") and value.numel() == 1:
+                by_stage.setdefault(stage, []).append(f"{metric} {float(value):.2f}")
+        shown = " | ".join(f"{stage}: {', '.join(values)}" for stage, values in by_stage.items())
+        elapsed = time.perf_counter() - self._epoch_started
+        print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)
 
     def _stopped_hint(self) -> str:
         callback = self.trainer.checkpoint_callback if self._trainer is not None else None
@@ -171,6 +258,7 @@ class VAEModule(GenerativeModule):
     """
 
     checkpoint_monitor = "val/negative_elbo"
+    progress_bar_metrics = ("negative_elbo",)
 
     def __init__(
         self,
@@ -202,8 +290,6 @@ class VAEModule(GenerativeModule):
         self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
         check_optimizer(optimizer, "optimizer")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        # ModuleDict keys must not shadow nn.Module attributes such as `train`.
-        self.active_units = torch.nn.ModuleDict({f"{stage}_set": ActiveUnits(latent_dim) for stage in STAGES})
 
     def setup(self, stage: str) -> None:
         """Refuse a Bernoulli likelihood on data that is not binary (grey levels without a declared
@@ -237,21 +323,17 @@ class VAEModule(GenerativeModule):
         self.objective.kl_weight = self.kl_weight() if stage == "train" else 1.0
         terms = self.objective.terms(x)
         if stage == "train":
-            self.check_finite("training", terms.loss, {"reconstruction (site 'x')": terms.reconstruction, "kl (site 'z')": terms.kl})
-        active_units = self.active_units[f"{stage}_set"]
-        active_units.update(terms.posterior_mean)
-        on_step = stage == "train"
-        logged = {"loss": terms.loss.detach(), "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}
-        for name, value in logged.items():
-            self.log(f"{stage}/{name}", value, on_step=on_step, on_epoch=True, prog_bar=name == "negative_elbo", batch_size=x.shape[0])
-        self.log(f"{stage}/active_units", active_units, on_step=False, on_epoch=True)
+            self.watch_finite({"loss": terms.loss, "reconstruction (site 'x')": terms.reconstruction, "kl (site 'z')": terms.kl})
+        self.epoch_metric(f"{stage}/active_units", lambda: ActiveUnits(self.model.latent_dim)).update(terms.posterior_mean)
+        for name, value in {"loss": terms.loss, "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}.items():
+            self.record(stage, name, value, x.shape[0])
         return terms.loss
 
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.check_gradients("training", self.named_parameters())
+        self.watch_gradients("gradients", self.named_parameters())
 
     def validation_step(self, batch, batch_idx):
         self.step(batch, "val")

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
 from varinf.errors import ConfigError
-from varinf.guides import posterior_location, require_capabilities
-from varinf.models import LATENT, check_data_shape
+from varinf.guides import _AmortizedGuide, guide_capabilities, posterior_location, require_capabilities
+from varinf.models import LATENT, LatentVariableModel, check_data_shape
 
 KLEstimator = Literal["analytic", "monte_carlo"]
 
@@ -62,6 +62,18 @@ class _RecordSite(Messenger):
             self.visits.append((msg["fn"], msg["value"]))
 
 
+def is_two_site_program(model: nn.Module, guide: nn.Module) -> bool:
+    """Whether ``model`` and ``guide`` are varinf's own two-site programs: the guide samples
+    ``z ~ guide.posterior(x)`` (reparameterised) and the model samples ``z ~ model.prior()`` and
+    observes ``x ~ model.observation(z)``, each in the data plate and nothing else. Their ELBO is
+    then known in closed form, without tracing them (:meth:`ELBOLoss.terms`)."""
+    return (
+        type(model).forward is LatentVariableModel.forward
+        and type(guide).forward is _AmortizedGuide.forward
+        and {"posterior", "rsample"} <= guide_capabilities(guide)
+    )
+
+
 def kl_estimate(q: Distribution, p: Distribution, z: Tensor, analytic: bool) -> Tensor:
     """``KL(q || p)``: closed form when requested and registered, else ``log q(z) - log p(z)`` at ``z ~ q``."""
     if analytic:
@@ -78,6 +90,11 @@ class ELBOLoss(nn.Module):
     The loss is the differentiable loss of Pyro's ``ELBOModule``: ``TraceMeanField_ELBO`` for an
     analytic KL, ``Trace_ELBO`` for a Monte-Carlo one. The KL weight ``beta`` (for beta-VAE and
     KL warm-up) is a ``poutine.scale`` on the latent site of both model and guide.
+
+    For varinf's own model and guides (:func:`is_two_site_program`) the same estimator is computed
+    from their distributions directly, with the same random draws, skipping Pyro's tracing (the
+    hot path of training; tests check loss and gradients equal Pyro's). Any other program, such
+    as a user's guide with its own ``forward``, runs through Pyro's ELBO.
 
     Args:
         model: the Pyro model ``p(z) p(x|z)``, called as ``model(x)``.
@@ -96,6 +113,8 @@ class ELBOLoss(nn.Module):
         estimator = TraceMeanField_ELBO if kl == "analytic" else Trace_ELBO
         self.analytic = kl == "analytic"
         self.elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)(model, guide)
+        self.model, self.guide, self.num_particles = model, guide, num_particles
+        self.direct = is_two_site_program(model, guide)
         self.kl_weight = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +122,9 @@ class ELBOLoss(nn.Module):
         return self.terms(x).loss
 
     def terms(self, x: Tensor) -> ELBOTerms:
-        """The loss and its parts. The parts are read off the same Pyro run, without gradients."""
+        """The loss and its parts. The parts are read off the same run, without gradients."""
+        if self.direct:
+            return self.direct_terms(x)
         recorder = _RecordSite(LATENT)
         with recorder, _ScaleSite(LATENT, self.kl_weight):
             loss = self.elbo(x) / x.shape[0]
@@ -112,6 +133,17 @@ class ELBOLoss(nn.Module):
             kl = kl_estimate(q, p, z, self.analytic).mean()
             reconstruction = loss.detach() - self.kl_weight * kl
         return ELBOTerms(loss, reconstruction, kl, posterior_location(q).detach())
+
+    def direct_terms(self, x: Tensor) -> ELBOTerms:
+        """What Pyro's ELBO computes for a two-site program, from the distributions themselves:
+        ``-E_q log p(x|z) + beta KL(q || p)``, averaged over particles and the batch."""
+        check_data_shape(x, self.model.data_shape, "The ELBO")
+        q = self.guide.posterior(x)
+        z = q.rsample() if self.num_particles == 1 else q.rsample((self.num_particles,))
+        reconstruction = -self.model.observation(z).log_prob(x).mean()
+        kl = kl_estimate(q, self.model.prior(), z, self.analytic).mean()
+        loss = reconstruction + self.kl_weight * kl
+        return ELBOTerms(loss, reconstruction.detach(), kl.detach(), posterior_location(q).detach())
 
 
 def log_importance_weights(model: nn.Module, guide: nn.Module, x: Tensor, num_samples: int) -> Tensor:
