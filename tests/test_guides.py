@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_objectives import B, NOISE, data, evidence
+from test_objectives import B, NOISE, data
 
 from varinf import (
     MLP,

@@ -2,7 +2,6 @@
 atomic checkpoint writing."""
 
 import os
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
