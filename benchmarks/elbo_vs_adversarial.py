@@ -77,7 +77,7 @@ HEADLINE = {  # metric: (value key, lower is better)
 COLUMNS = ["nll", "parzen", "fid", "kid", "precision", "recall", "classes_covered", "kl_to_uniform", "kl_data_model", "kl_model_data", "js"]
 
 
-def fit(model: str, seed: int, budget: str, runs: Path) -> tuple[Path, float, int]:
+def fit(model: str, seed: int, overrides: list[str], runs: Path) -> tuple[Path, float, int]:
     """Fit one model from its recipe; returns its run folder, wall seconds and epochs trained."""
     recipe, epochs = MODELS[model]
     name = f"{model}_seed{seed}"
@@ -86,7 +86,7 @@ def fit(model: str, seed: int, budget: str, runs: Path) -> tuple[Path, float, in
         str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
         f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0", *BUDGETS[budget]["fit"],
+        "--trainer.logger.init_args.version=0", *overrides,
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ})
@@ -200,16 +200,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, help="a subset of the budget's seeds; results then go to files tagged with them")
     args = parser.parse_args()
     os.environ.setdefault("VARINF_DATA_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
-    budget = BUDGETS[args.budget]
+    budget = dict(BUDGETS[args.budget])
     suffix = "" if args.budget == "full" else f"_{args.budget}"
+    if args.seeds and args.seeds != budget["seeds"]:
+        budget["seeds"] = args.seeds
+        suffix += "_seeds" + "-".join(map(str, args.seeds))
     runs = ROOT / "runs" / "elbo_vs_adversarial" / args.budget
     started = time.perf_counter()
     per_seed, first_runs = {}, {}
     for model in args.models:
         for seed in budget["seeds"]:
-            run, seconds, epochs = fit(model, seed, args.budget, runs)
+            run, seconds, epochs = fit(model, seed, budget["fit"], runs)
             evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
             values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
             values.update(epochs=epochs, seconds_per_epoch=seconds / max(epochs, 1))
