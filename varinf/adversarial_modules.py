@@ -101,21 +101,19 @@ class AdversarialModule(GenerativeModule):
             real, fake = self.sides(x)
         real_out, fake_out = self.discriminate(real), self.discriminate(fake)
         loss = self.loss.discriminator(real_out, fake_out)
-        self._log("D/loss", loss)
+        logged = {"D/loss": loss, **self.divergences(real_out.detach(), fake_out.detach())}
         if self.loss.gradient_penalty:
-            penalty = gradient_penalty(self.discriminate, real, fake)
-            self._log("D/gradient_penalty", penalty)
+            logged["D/gradient_penalty"] = penalty = gradient_penalty(self.discriminate, real, fake)
             loss = loss + self.gradient_penalty_weight * penalty
-        self.log_divergences(real_out.detach(), fake_out.detach())
+        self._log(logged)
         return loss
 
-    def log_divergences(self, real_out: Tensor, fake_out: Tensor) -> None:
-        """Log the divergence estimates that this loss's discriminator outputs support."""
-        for name, readout in DIVERGENCE_READOUTS[self.loss.readout].items():
-            self._log(f"divergence/{name}", readout(real_out, fake_out))
+    def divergences(self, real_out: Tensor, fake_out: Tensor) -> dict[str, Tensor]:
+        """The divergence estimates that this loss's discriminator outputs support, by metric name."""
+        return {f"divergence/{name}": readout(real_out, fake_out) for name, readout in DIVERGENCE_READOUTS[self.loss.readout].items()}
 
-    def _log(self, name: str, value: Tensor) -> None:
-        self.record("train" if self.training else self._evaluation_stage, name, value, self._batch_size)
+    def _log(self, values: dict[str, Tensor]) -> None:
+        self.record("train" if self.training else self._evaluation_stage, values, self._batch_size)
 
     # --- the training loop -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -145,10 +143,10 @@ class AdversarialModule(GenerativeModule):
         optimizer = self.optimizer(name)
         with self.trainable(name):
             loss = phase()
-            self.watch_finite({f"{name} loss": loss})
+            self.watch_finite(f"the {name} loss", loss)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            self.watch_gradients(f"{name} gradients", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
+            self.watch_gradients(f"the {name} gradients", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
             if name in self.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
             optimizer.step()
@@ -161,7 +159,7 @@ class AdversarialModule(GenerativeModule):
         """The generator's loss on fresh fakes."""
         _, fake = self.sides(x)
         loss = self.loss.generator(self.discriminate(fake))
-        self._log("G/loss", loss)
+        self._log({"G/loss": loss})
         return loss
 
     def generator_phases(self, x: Tensor) -> list:
@@ -195,8 +193,7 @@ class AdversarialModule(GenerativeModule):
         self._batch_size, self._evaluation_stage = x.shape[0], stage
         real, fake = self.sides(x)
         real_out, fake_out = self.discriminate(real), self.discriminate(fake)
-        self._log("D/loss", self.loss.discriminator(real_out, fake_out))
-        self.log_divergences(real_out, fake_out)
+        self._log({"D/loss": self.loss.discriminator(real_out, fake_out), **self.divergences(real_out, fake_out)})
 
     def validation_step(self, batch, batch_idx):
         self.evaluation_step(batch, "val")
@@ -317,7 +314,7 @@ class AAEModule(AdversarialModule):
     def reconstruction_phase(self, x: Tensor) -> Tensor:
         """``-E_q(z|x) log p(x|z)`` per datapoint, in nats."""
         loss = -self.model.observation(self.guide.posterior(x).rsample()).log_prob(x).mean()
-        self._log("reconstruction", loss)
+        self._log({"reconstruction": loss})
         return loss
 
     def per_batch_phases(self, x: Tensor) -> list:
@@ -391,6 +388,6 @@ class ALIModule(AdversarialModule):
         """Encoder and generator together: the discriminator's loss with real and fake swapped."""
         real, fake = self.sides(x)
         loss = self.loss.discriminator(self.discriminate(fake), self.discriminate(real))
-        self._log("G/loss", loss)
+        self._log({"G/loss": loss})
         return loss
 

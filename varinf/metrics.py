@@ -10,6 +10,43 @@ from torchmetrics import Metric
 from varinf.divergences import kl
 
 
+class EpochMeans(Metric):
+    """Batch-size-weighted means of named scalars (a loss and its parts, say) over an epoch, all
+    updated by one call: ``mean_name = sum_b w_b v_b,name / sum_b w_b``. torchmetrics' MeanMetric
+    keeps one scalar per object, and one update per name costs more than the step's arithmetic.
+    Names get a slot when first seen (up to ``capacity``); updates never sync with the host.
+
+    Args:
+        capacity: the most names one object holds.
+    """
+
+    full_state_update = False
+
+    def __init__(self, capacity: int = 32):
+        super().__init__()
+        self.add_state("totals", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("weights", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
+        self.slots: dict[str, int] = {}
+        self._indices: dict[tuple[str, ...], Tensor] = {}
+
+    def update(self, values: dict[str, Tensor], weight: float) -> None:
+        names = tuple(values)
+        if names not in self._indices:
+            for name in names:
+                self.slots.setdefault(name, len(self.slots))
+            if len(self.slots) > len(self.totals):
+                raise ValueError(f"EpochMeans holds at most {len(self.totals)} names; raise its capacity.")
+            self._indices[names] = torch.tensor([self.slots[name] for name in names], device=self.totals.device)
+        index = self._indices[names].to(self.totals.device)
+        batch = torch.stack([value.detach().reshape(()) for value in values.values()]).to(self.totals.dtype)
+        self.totals.index_add_(0, index, batch * weight)
+        self.weights.index_add_(0, index, torch.full_like(batch, weight))
+
+    def compute(self) -> dict[str, Tensor]:
+        means = (self.totals / self.weights).float()
+        return {name: means[slot] for name, slot in self.slots.items()}
+
+
 class ActiveUnits(Metric):
     """Number of active latent units: dimensions j with ``Cov_x(E_q[z_j | x]) > threshold``.
 

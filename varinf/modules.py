@@ -17,7 +17,6 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.aggregation import MeanMetric
 
 from varinf.callbacks import ImageGrids
 from varinf.errors import ConfigError, DataError, NumericalError
@@ -29,7 +28,7 @@ from varinf.guides import (
     require_capabilities,
 )
 from varinf.likelihoods import BernoulliLikelihood
-from varinf.metrics import ActiveUnits
+from varinf.metrics import ActiveUnits, EpochMeans
 from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
@@ -75,7 +74,7 @@ class GenerativeModule(pl.LightningModule):
         super().__init__()
         self._epoch_metrics: dict[str, Metric] = {}
         self._first_non_finite: dict[str, Tensor] = {}
-        self.gradient_names: dict[str, list[str]] = {}
+        self._watched_parts: dict[str, list[str]] = {}
         self._log_this_step = False
 
     def configure_callbacks(self):
@@ -101,40 +100,46 @@ class GenerativeModule(pl.LightningModule):
             self._resumed_rng_states = None
 
     # --- epoch metrics and numerical checks, kept on the device: no host sync per step ----------
-    def epoch_metric(self, key: str, make: Callable[[], Metric] = lambda: MeanMetric(nan_strategy="disable")) -> Metric:
-        """The torchmetrics ``Metric`` accumulating ``key`` (``{stage}/{name}``) over the current
-        epoch, made on the module's device at first use; logged and reset at the epoch's end."""
+    def epoch_metric(self, key: str, make: Callable[[], Metric]) -> Metric:
+        """The torchmetrics ``Metric`` accumulating ``key`` over the current epoch, made on the
+        module's device at first use; logged and reset at the epoch's end."""
         if key not in self._epoch_metrics:
             self._epoch_metrics[key] = make().to(self.device)
         return self._epoch_metrics[key]
 
-    def record(self, stage: str, name: str, value: Tensor, batch_size: int) -> None:
-        """Add a batch mean to the epoch mean of ``{stage}/{name}``, without a Lightning ``log`` call
-        or a host sync. In training it is also logged as ``train/{name}_step`` every
-        ``log_every_n_steps`` batches (when Lightning writes step metrics)."""
-        key = f"{stage}/{name}"
-        value = value.detach()
-        self.epoch_metric(key).update(value, batch_size)
+    def record(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
+        """Add batch means to the epoch means of ``{stage}/{name}`` (:class:`EpochMeans`), with
+        neither a Lightning ``log`` call nor a host sync. In training they are also logged as
+        ``train/{name}_step`` every ``log_every_n_steps`` batches (when Lightning writes step metrics).
+        Outside a Trainer (a step called by hand) nothing is recorded, as with Lightning's ``log``."""
+        if self._trainer is None:
+            return
+        self.epoch_metric(f"{stage}/means", EpochMeans).update(values, batch_size)
         if stage == "train" and self._log_this_step:
-            self.log(f"{key}_step", value, on_step=True, on_epoch=False, prog_bar=name in self.progress_bar_metrics)
+            for name, value in values.items():
+                self.log(f"train/{name}_step", value.detach(), on_step=True, on_epoch=False, prog_bar=name in self.progress_bar_metrics)
 
     def log_epoch_metrics(self, stage: str) -> None:
         """Log the epoch values of every metric of ``stage`` (reduced across processes), then reset them."""
         for key, metric in self._epoch_metrics.items():
             if key.startswith(f"{stage}/") and metric.update_count:
-                self.log(key, metric.compute(), prog_bar=key.rpartition("/")[2] in self.progress_bar_metrics)
+                value = metric.compute()
+                for name, mean in (value.items() if isinstance(value, dict) else [(key.partition("/")[2], value)]):
+                    self.log(f"{stage}/{name}", mean, prog_bar=name in self.progress_bar_metrics)
                 metric.reset()
 
-    def watch_finite(self, checks: dict[str, Tensor]) -> None:
-        """Remember, on the device, the first step at which each named tensor held a NaN or inf (and
-        the index of its first bad entry); :meth:`raise_if_not_finite` reports it."""
-        for name, value in checks.items():
-            bad = ~torch.isfinite(value.detach().reshape(-1))
-            seen = self._first_non_finite.get(name)
-            if seen is None:
-                seen = torch.full((2,), -1, dtype=torch.long, device=value.device)
-            where = torch.stack([torch.full_like(seen[0], self.global_step), bad.long().argmax()])
-            self._first_non_finite[name] = torch.where(bad.any() & (seen[0] < 0), where, seen)
+    def watch_finite(self, name: str, values: Tensor, parts: Sequence[str] | None = None) -> None:
+        """Remember, on the device, the first step at which ``values`` (named ``name``; entry i is
+        ``parts[i]`` if given) held a NaN or inf, and its first bad entry. No host sync:
+        :meth:`raise_if_not_finite` reports it."""
+        bad = ~torch.isfinite(values.detach().reshape(-1))
+        seen = self._first_non_finite.get(name)
+        if seen is None:
+            seen = torch.full((2,), -1, dtype=torch.long, device=values.device)
+        first = torch.stack([torch.full_like(seen[0], self.global_step), bad.long().argmax()])
+        self._first_non_finite[name] = torch.where(bad.any() & (seen[0] < 0), first, seen)
+        if parts is not None:
+            self._watched_parts[name] = list(parts)
 
     def raise_if_not_finite(self) -> None:
         """Stop training if any watched tensor went NaN or inf: called every ``log_every_n_steps``
@@ -147,7 +152,7 @@ class GenerativeModule(pl.LightningModule):
         if not bad:
             return
         parts = [
-            f"{name}{f' (first in {self.gradient_names[name][index]})' if name in self.gradient_names else ''} at step {step}"
+            f"{name} at step {step}" + (f" (first bad: {self._watched_parts[name][index]})" if name in self._watched_parts else "")
             for step, name, index in bad
         ]
         raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
@@ -156,8 +161,8 @@ class GenerativeModule(pl.LightningModule):
         """:meth:`watch_finite` on the gradient norms of ``parameters`` (named), one foreach call."""
         named = [(parameter_name, p.grad) for parameter_name, p in parameters if p.grad is not None]
         if named:
-            self.gradient_names[name] = [parameter_name for parameter_name, _ in named]
-            self.watch_finite({name: torch.stack(torch._foreach_norm([grad for _, grad in named]))})
+            norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
+            self.watch_finite(name, norms, [parameter_name for parameter_name, _ in named])
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Lightning writes step metrics when (batches done + 1) % log_every_n_steps == 0
@@ -229,6 +234,8 @@ class GenerativeModule(pl.LightningModule):
 
 
 OBJECTIVES = {"elbo": ELBOLoss, "iwae": IWAELoss}
+LOSS_PARTS = ("reconstruction (site 'x')", "kl (site 'z')", "the weighted sum")
+"""What the watched training loss vector holds, the parts first so a bad part is named."""
 """The likelihood objectives a VAEModule trains with, by name."""
 
 
@@ -323,17 +330,16 @@ class VAEModule(GenerativeModule):
         self.objective.kl_weight = self.kl_weight() if stage == "train" else 1.0
         terms = self.objective.terms(x)
         if stage == "train":
-            self.watch_finite({"loss": terms.loss, "reconstruction (site 'x')": terms.reconstruction, "kl (site 'z')": terms.kl})
+            self.watch_finite("the training loss", torch.stack([terms.reconstruction, terms.kl, terms.loss]), LOSS_PARTS)
         self.epoch_metric(f"{stage}/active_units", lambda: ActiveUnits(self.model.latent_dim)).update(terms.posterior_mean)
-        for name, value in {"loss": terms.loss, "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}.items():
-            self.record(stage, name, value, x.shape[0])
+        self.record(stage, {"loss": terms.loss, "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}, x.shape[0])
         return terms.loss
 
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self.watch_gradients("gradients", self.named_parameters())
+        self.watch_gradients("the gradients", self.named_parameters())
 
     def validation_step(self, batch, batch_idx):
         self.step(batch, "val")
