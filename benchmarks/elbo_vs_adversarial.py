@@ -3,10 +3,14 @@
     python benchmarks/elbo_vs_adversarial.py --budget quick   # smoke run, under 10 minutes
     python benchmarks/elbo_vs_adversarial.py --budget full    # the committed table, under 3 hours
 
-Each model is fitted from its recipe by ``varinf fit`` in its own process, once per seed, then
-evaluated in this process with ``varinf.evaluation`` (likelihood metrics for models that have one,
-sample metrics for all, each against grey-level MNIST test images). Two sanity rows use no model:
-the training images as "samples" (FID near 0, all classes) and uniform noise.
+Each (model, seed) is one task, run in its own process: fit from the model's recipe by ``varinf
+fit``, then evaluated with ``varinf.evaluation`` (likelihood metrics for models that have one,
+sample metrics for all, each against grey-level MNIST test images). ``--workers N`` runs N tasks at
+once, each with cpus / N threads (two one-thread tasks get through ~1.4x more work than one
+two-thread task on this 2-core machine). A task's results are kept in its run folder with the
+git commit, so an interrupted benchmark resumes where it stopped when run again (``--fresh``
+refits everything). Two sanity rows use no model: the training images as "samples" (FID near 0,
+all classes) and uniform noise.
 
 Writes benchmarks/results/elbo_vs_adversarial.{json,md} (``--budget quick`` writes
 ``elbo_vs_adversarial_quick.*``): mean +- std over seeds, wall time per epoch, machine and
@@ -20,10 +24,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -46,14 +52,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 MODELS = {  # name: (recipe, training epochs under the full budget); add a row to benchmark a new model
-    "vae": ("vae_mnist", 60),
-    "iwae": ("iwae_mnist", 60),
-    "vae_iaf": ("vae_iaf_mnist", 60),
-    "vae_vampprior": ("vae_vampprior_mnist", 60),
-    "aae": ("aae_mnist", 15),
-    "gan": ("gan_mnist", 20),
-    "wgan_gp": ("wgan_gp_mnist", 40),
-    "ali": ("ali_mnist", 20),
+    "vae": ("vae_mnist", 40),
+    "iwae": ("iwae_mnist", 40),
+    "vae_iaf": ("vae_iaf_mnist", 40),
+    "vae_vampprior": ("vae_vampprior_mnist", 40),
+    "aae": ("aae_mnist", 10),
+    "gan": ("gan_mnist", 15),
+    "wgan_gp": ("wgan_gp_mnist", 25),
+    "ali": ("ali_mnist", 15),
 }
 
 BUDGETS = {
@@ -62,7 +68,7 @@ BUDGETS = {
         "evaluation": {"num_samples": 2000, "k": 50},
         "seeds": [0],  # a smoke run: every model and metric once
     },
-    "full": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 1000}, "seeds": [0, 1, 2]},
+    "full": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 200}, "seeds": [0, 1, 2]},
 }
 
 HEADLINE = {  # metric: (value key, lower is better)
@@ -77,22 +83,27 @@ HEADLINE = {  # metric: (value key, lower is better)
 COLUMNS = ["nll", "parzen", "fid", "kid", "precision", "recall", "classes_covered", "kl_to_uniform", "kl_data_model", "kl_model_data", "js"]
 
 
-def fit(model: str, seed: int, overrides: list[str], runs: Path) -> tuple[Path, float, int]:
-    """Fit one model from its recipe; returns its run folder, wall seconds and epochs trained."""
+def fit(model: str, seed: int, overrides: list[str], runs: Path) -> tuple[Path, float, int, int]:
+    """Fit one model from its recipe, resuming from the run's last checkpoint if a fit was cut
+    short; returns its run folder, the wall seconds and epochs of this fit, and the epochs in all."""
     recipe, epochs = MODELS[model]
     name = f"{model}_seed{seed}"
     run = runs / name / "version_0"
+    resume = (run / "checkpoints" / "last.ckpt").exists()
+    if run.exists() and not resume:
+        shutil.rmtree(run)  # a fit that never checkpointed: start it again
     command = [
         str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
         f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0", *overrides,
+        "--trainer.logger.init_args.version=0", *overrides, *(["--resume=true"] if resume else []),
     ]
+    done_before = len(list((run / "images").glob("samples_epoch_*.png")))
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ})
     seconds = time.perf_counter() - started
     trained = len(list((run / "images").glob("samples_epoch_*.png")))
-    return run, seconds, trained
+    return run, seconds, trained - done_before, trained
 
 
 def checkpoint_of(run: Path) -> Path:
@@ -153,7 +164,11 @@ def markdown(table: dict, sanity: dict, meta: dict) -> str:
         lines.append(f"| {model} | {row['epochs'][0]:.0f} | {row['seconds_per_epoch'][0]:.1f} | " + " | ".join(cells) + " |")
     for name, row in sanity.items():
         lines.append(f"| {name} | | | " + " | ".join(f"{row[c]:.3g}" if c in row else "" for c in COLUMNS) + " |")
-    lines += ["", f"Machine: {meta['machine']}. Versions: {meta['versions']}. Total wall time {meta['minutes']:.0f} min.", ""]
+    lines += ["", (
+        f"Machine: {meta['machine']}; {meta['workers']} tasks at a time, {meta['threads_per_task']} threads each (s/epoch is per task). "
+        f"Versions: {meta['versions']}; commit {', '.join(c[:10] for c in meta['commits'])}. "
+        f"Task time {meta['task_minutes']:.0f} min; this command's wall time {meta['minutes']:.0f} min (tasks kept from an earlier run not counted)."
+    ), ""]
     lines += [f"![samples of {model}](elbo_vs_adversarial{meta['suffix']}_samples_{model}.png)" for model in table]
     lines += [f"![metrics](elbo_vs_adversarial{meta['suffix']}_metrics.png)", f"![divergence read-outs](elbo_vs_adversarial{meta['suffix']}_divergences.png)", ""]
     return "\n".join(lines)
@@ -196,11 +211,52 @@ def plot_divergence_curves(runs: dict[str, Path], path: Path) -> None:
     plt.close(figure)
 
 
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+
+def task_result(model: str, seed: int, budget_name: str) -> Path:
+    return ROOT / "runs" / "elbo_vs_adversarial" / budget_name / f"{model}_seed{seed}" / "version_0" / "result.json"
+
+
+def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
+    """Fit and evaluate one (model, seed); write its values, the commit and the timing beside its run."""
+    runs = ROOT / "runs" / "elbo_vs_adversarial" / budget_name
+    run, seconds, epochs_now, epochs = fit(model, seed, budget["fit"], runs)
+    started = time.perf_counter()
+    evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
+    values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
+    values.update(epochs=epochs, seconds_per_epoch=seconds / max(epochs_now, 1))
+    if seed == budget["seeds"][0]:
+        save_samples(evaluation.samples[:100], run / "samples_100.png")
+    result = {"values": values, "commit": git_commit(), "threads": torch.get_num_threads(),
+              "fit_minutes": seconds / 60, "evaluation_minutes": (time.perf_counter() - started) / 60}
+    task_result(model, seed, budget_name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{model} seed {seed}: {values}", flush=True)
+
+
+def run_tasks(tasks: list[tuple[str, int]], budget_name: str, seeds: list[int], workers: int) -> None:
+    """Run each task in its own process, ``workers`` at a time, with the CPUs shared among them."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    environment = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def launch(task):
+        model, seed = task
+        command = [sys.executable, __file__, "--budget", budget_name, "--seeds", *map(str, seeds), "--task", f"{model}:{seed}"]
+        subprocess.run(command, check=True, env=environment)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(launch, tasks))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, help="a subset of the budget's seeds; results then go to files tagged with them")
+    parser.add_argument("--workers", type=int, default=2, help="tasks run at once")
+    parser.add_argument("--fresh", action="store_true", help="refit tasks whose results are already kept")
+    parser.add_argument("--task", help=argparse.SUPPRESS)  # model:seed, run by a worker process
     args = parser.parse_args()
     os.environ.setdefault("VARINF_DATA_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
     budget = dict(BUDGETS[args.budget])
@@ -208,21 +264,24 @@ def main() -> None:
     if args.seeds and args.seeds != budget["seeds"]:
         budget["seeds"] = args.seeds
         suffix += "_seeds" + "-".join(map(str, args.seeds))
-    runs = ROOT / "runs" / "elbo_vs_adversarial" / args.budget
+    if args.task:
+        model, seed = args.task.split(":")
+        run_task(model, int(seed), args.budget, budget)
+        return
     started = time.perf_counter()
-    per_seed, first_runs = {}, {}
-    for model in args.models:
-        for seed in budget["seeds"]:
-            run, seconds, epochs = fit(model, seed, budget["fit"], runs)
-            evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
-            values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
-            values.update(epochs=epochs, seconds_per_epoch=seconds / max(epochs, 1))
-            per_seed.setdefault(model, []).append(values)
-            print(f"{model} seed {seed}: {values}", flush=True)
-            if seed == budget["seeds"][0]:
-                first_runs[model] = run
-                save_samples(evaluation.samples[:100], RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
+    tasks = [(model, seed) for seed in budget["seeds"] for model in args.models]  # every model once before any second seed
+    if args.fresh:
+        for task in tasks:
+            shutil.rmtree(task_result(*task, args.budget).parent, ignore_errors=True)
+    todo = [task for task in tasks if not task_result(*task, args.budget).exists()]
+    print(f"{len(tasks)} tasks, {len(tasks) - len(todo)} kept from an earlier run, {args.workers} at a time", flush=True)
+    run_tasks(todo, args.budget, budget["seeds"], args.workers)
+    results = {task: json.loads(task_result(*task, args.budget).read_text()) for task in tasks}
+    per_seed = {model: [results[(model, seed)]["values"] for seed in budget["seeds"]] for model in args.models}
     table = {model: {key: summarize([values[key] for values in seeds]) for key in seeds[0]} for model, seeds in per_seed.items()}
+    first_runs = {model: task_result(model, budget["seeds"][0], args.budget).parent for model in args.models}
+    for model, run in first_runs.items():
+        shutil.copyfile(run / "samples_100.png", RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
     sanity = sanity_rows(budget["evaluation"])
     meta = {
         "budget": args.budget,
@@ -236,8 +295,12 @@ def main() -> None:
             f"(k={budget['evaluation']['k']}) in nats on the model's own binarisation; parzen in nats; fid/kid/precision/recall/classes "
             "on varinf's MNIST classifier features; divergences from a fresh post-hoc discriminator."
         ),
+        "commits": sorted({result["commit"] for result in results.values()}),
+        "workers": args.workers,
+        "threads_per_task": sorted({result["threads"] for result in results.values()}),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}",
         "versions": {package: version(package) for package in ("torch", "pyro-ppl", "pytorch-lightning", "torchmetrics", "varinf")},
+        "task_minutes": sum(result["fit_minutes"] + result["evaluation_minutes"] for result in results.values()),
         "minutes": (time.perf_counter() - started) / 60,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ class ELBOLoss(nn.Module):
         estimator = TraceMeanField_ELBO if kl == "analytic" else Trace_ELBO
         self.analytic = kl == "analytic"
         self.elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)(model, guide)
-        self.model, self.guide, self.num_particles = model, guide, num_particles
+        self.num_particles = num_particles  # model and guide live in self.elbo (checkpoint keys objective.elbo.*)
         self.direct = is_two_site_program(model, guide)
         self.kl_weight = 1.0
 
@@ -137,11 +137,12 @@ class ELBOLoss(nn.Module):
     def direct_terms(self, x: Tensor) -> ELBOTerms:
         """What Pyro's ELBO computes for a two-site program, from the distributions themselves:
         ``-E_q log p(x|z) + beta KL(q || p)``, averaged over particles and the batch."""
-        check_data_shape(x, self.model.data_shape, "The ELBO")
-        q = self.guide.posterior(x)
+        model, guide = self.elbo.model, self.elbo.guide
+        check_data_shape(x, model.data_shape, "The ELBO")
+        q = guide.posterior(x)
         z = q.rsample() if self.num_particles == 1 else q.rsample((self.num_particles,))
-        reconstruction = -self.model.observation(z).log_prob(x).mean()
-        kl = kl_estimate(q, self.model.prior(), z, self.analytic).mean()
+        reconstruction = -model.observation(z).log_prob(x).mean()
+        kl = kl_estimate(q, model.prior(), z, self.analytic).mean()
         loss = reconstruction + self.kl_weight * kl
         return ELBOTerms(loss, reconstruction.detach(), kl.detach(), posterior_location(q).detach())
 
