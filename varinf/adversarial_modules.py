@@ -52,6 +52,9 @@ class AdversarialModule(GenerativeModule):
             ``n_critic``, unlike Lightning's ``max_steps``, which counts every optimiser step).
     """
 
+    ddp_strategy = "ddp_find_unused_parameters_true"
+    """Each phase trains some networks only, so under DDP the others get no gradient in it."""
+
     def __init__(
         self,
         loss: str,

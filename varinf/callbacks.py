@@ -37,8 +37,11 @@ def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | No
 
 
 def run_dir(trainer: pl.Trainer) -> Path:
-    """The folder of this run: the logger's version folder, or the trainer's root folder."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The folder of this run: the logger's version folder, or the trainer's root folder. Read from
+    the logger, not ``trainer.log_dir``, which is a collective call under DDP and would hang code
+    that runs on rank 0 only."""
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    return Path(log_dir or trainer.default_root_dir)
 
 
 class ImageGrids(pl.Callback):

@@ -29,7 +29,7 @@ from varinf.evaluation import (
     run_metrics,
     supported_metrics,
 )
-from varinf.modules import IMPORT_PATHS_KEY, load_module, read_checkpoint
+from varinf.modules import IMPORT_PATHS_KEY, import_class, load_module, read_checkpoint
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -87,6 +87,9 @@ class VarinfCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("resume"):
             config.ckpt_path, config.trainer.logger.init_args.version = last_checkpoint(config.trainer.logger)
+        model_class = import_class(config.model.class_path) if config.get("model") and config.model.get("class_path") else None
+        if config.trainer.get("strategy") == "ddp" and model_class is not None:
+            config.trainer.strategy = getattr(model_class, "ddp_strategy", "ddp")
 
     def instantiate_classes(self) -> None:
         try:

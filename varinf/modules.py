@@ -67,6 +67,8 @@ class GenerativeModule(pl.LightningModule):
     """
 
     checkpoint_monitor: str | None = None
+    ddp_strategy = "ddp"
+    """What ``strategy: ddp`` in a recipe runs as (Lightning's strategy name)."""
     progress_bar_metrics: tuple[str, ...] = ()
     """Names of the recorded metrics shown on the progress bar."""
 
@@ -125,7 +127,8 @@ class GenerativeModule(pl.LightningModule):
             if key.startswith(f"{stage}/") and metric.update_count:
                 value = metric.compute()
                 for name, mean in (value.items() if isinstance(value, dict) else [(key.partition("/")[2], value)]):
-                    self.log(f"{stage}/{name}", mean, prog_bar=name in self.progress_bar_metrics)
+                    # already reduced across processes by torchmetrics; sync_dist re-averages equal values
+                    self.log(f"{stage}/{name}", mean, prog_bar=name in self.progress_bar_metrics, sync_dist=True)
                 metric.reset()
 
     def watch_finite(self, name: str, values: Tensor, parts: Sequence[str] | None = None) -> None:
