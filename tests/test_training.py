@@ -252,3 +252,42 @@ def test_user_guide_example_fits_and_evaluates_from_a_recipe_beside_it(tmp_path,
     main(["evaluate", "--ckpt", str(checkpoint), "--metrics", "nll", "--k", "5"])  # imports the guide from the recipe's folder
     (row,) = map(json.loads, (checkpoint.parent.parent / "evaluation.jsonl").read_text().splitlines())
     assert row["nll"] < row["negative_elbo"] < 784 * math.log(2)
+
+
+def test_mixed_precision_runs_the_networks_in_16_bits_and_the_densities_in_32():
+    module = small_vae()
+    x = torch.bernoulli(torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(1)
+    full = module.objective.terms(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.model.decoder(torch.zeros(1, 4)).dtype == torch.bfloat16  # the networks do run in 16 bits
+        torch.manual_seed(1)
+        mixed = module.objective.terms(x)
+    assert mixed.loss.dtype == mixed.kl.dtype == mixed.reconstruction.dtype == torch.float32
+    assert mixed.loss.item() == pytest.approx(full.loss.item(), rel=1e-2)  # bf16 has 8 bits of mantissa
+
+
+def test_gradient_penalty_stays_in_float32_under_mixed_precision():
+    from varinf.adversarial import gradient_penalty
+
+    critic = MLP((2,), (1,), hidden=(16,))
+    real, fake = torch.randn(64, 2), torch.randn(64, 2)
+    torch.manual_seed(0)
+    full = gradient_penalty(critic, real, fake)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        mixed = gradient_penalty(critic, real.bfloat16(), fake.bfloat16())
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, full, rtol=1e-2, atol=1e-3)  # inputs rounded to bf16, penalty computed in fp32
+
+
+@pytest.mark.parametrize("recipe", ["vae_mnist", "wgan_gp_ring", "gan_ring"])
+def test_a_recipe_trains_in_mixed_precision(tmp_path, recipe):
+    """bf16-mixed, what torch's CPU autocast supports (Lightning runs 16-mixed as bf16-mixed on a CPU)."""
+    precision = "bf16-mixed"
+    cli = fit(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), f"--trainer.precision={precision}", "--trainer.max_epochs=1",
+               "--trainer.limit_train_batches=5", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+               "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    metrics = cli.trainer.callback_metrics
+    key = "test/negative_elbo" if recipe.startswith("vae") else "test/D/loss"  # the fit ends with a test run
+    assert cli.trainer.precision == precision and math.isfinite(float(metrics[key]))

@@ -99,6 +99,11 @@ class _AmortizedGuide(PyroModule):
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError
 
+    def encode(self, x: Tensor) -> Tensor:
+        """The encoder's output in float32: under mixed precision the network runs in 16 bits,
+        while the distribution built from its output, and so every density, stays in 32."""
+        return self.encoder(x).float()
+
     def forward(self, x: Tensor) -> Tensor:
         check_data_shape(x, self.data_shape, "The guide")
         with pyro.plate(DATA_PLATE, x.shape[0]):
@@ -124,7 +129,7 @@ class GaussianEncoderGuide(_AmortizedGuide):
         self.encoder = encoder(self.data_shape, (2, latent_dim))
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        loc, raw_scale = self.encoder(x).unbind(-2)
+        loc, raw_scale = self.encode(x).unbind(-2)
         return dist.Normal(loc, softplus(raw_scale) + self.scale_floor, validate_args=False).to_event(1)
 
 
@@ -144,7 +149,7 @@ class FullCovarianceGaussianGuide(_AmortizedGuide):
         self.register_buffer("tril_indices", torch.tril_indices(latent_dim, latent_dim), persistent=False)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        out = self.encoder(x)
+        out = self.encode(x)
         d = self.latent_dim
         loc, entries = out[..., :d], out[..., d:]
         rows, columns = self.tril_indices
@@ -192,7 +197,7 @@ class FlowGuide(_AmortizedGuide):
         self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        loc, raw_scale, context = self.encoder(x).unbind(-2)
+        loc, raw_scale, context = self.encode(x).unbind(-2)
         base = dist.Normal(loc, softplus(raw_scale) + self.scale_floor, validate_args=False).to_event(1)
         transforms = []
         for index, step in enumerate(self.steps):
@@ -218,7 +223,7 @@ class DeltaEncoderGuide(_AmortizedGuide):
         self.encoder = encoder(self.data_shape, (latent_dim,))
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        return dist.Delta(self.encoder(x), event_dim=1)
+        return dist.Delta(self.encode(x), event_dim=1)
 
 
 GuideFactory = Callable[[Sequence[int], int], nn.Module]

@@ -67,8 +67,9 @@ class LatentVariableModel(PyroModule):
         self.prior = prior(latent_dim)
 
     def observation(self, z: Tensor) -> dist.TorchDistribution:
-        """``p_theta(x|z)``, with the data dimensions as its event."""
-        return self.likelihood(self.decoder(z)).to_event(len(self.data_shape))
+        """``p_theta(x|z)``, with the data dimensions as its event; built in float32 from the
+        decoder's output, which mixed precision computes in 16 bits."""
+        return self.likelihood(self.decoder(z).float()).to_event(len(self.data_shape))
 
     def forward(self, x: Tensor | None = None, num_samples: int | None = None) -> Tensor:
         """Sample ``z ~ p(z)`` and ``x ~ p(x|z)`` (observed when ``x`` is given)."""

@@ -161,7 +161,11 @@ class GenerativeModule(pl.LightningModule):
         raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
 
     def watch_gradients(self, name: str, parameters) -> None:
-        """:meth:`watch_finite` on the gradient norms of ``parameters`` (named), one foreach call."""
+        """:meth:`watch_finite` on the gradient norms of ``parameters`` (named), one foreach call.
+        Not under ``16-mixed``, whose loss scaling expects inf gradients now and then (it skips
+        those steps and lowers the scale); its losses are still watched."""
+        if self._trainer is not None and self.trainer.precision == "16-mixed":
+            return
         named = [(parameter_name, p.grad) for parameter_name, p in parameters if p.grad is not None]
         if named:
             norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
