@@ -1,21 +1,26 @@
 """Training speed: varinf's VAE and GAN steps against plain PyTorch and Pyro's SVI, in one process.
 
-    python benchmarks/throughput.py [--steps 100] [--warmup 20]
+    python benchmarks/throughput.py [--steps 100] [--warmup 20] [--rounds 3]
 
 VAE: a 784-400-50 MLP (encoder 784-400-2x50, decoder 50-400-784), Bernoulli likelihood, analytic
 KL, batch 256, Adam 1e-3, on dynamically binarised MNIST. GAN: the gan_mnist networks, the
-non-saturating loss, batch 64. Three implementations of each, timed on the same machine in the
+non-saturating loss, batch 64. These implementations, timed on the same machine in the
 same run, after warm-up:
 
 * varinf: the module trained by a Lightning ``Trainer`` (what ``varinf fit`` runs), each training
   step timed by a callback; the epoch's wall time is split into data (between steps), step and
   the rest (logging, hooks);
 * plain PyTorch: the same networks and estimator in a hand-written loop, written as well as
-  PyTorch allows (no Python per image, ``zero_grad(set_to_none=True)``, foreach Adam);
+  PyTorch allows (no Python per image, ``zero_grad(set_to_none=True)``, the same Adam);
+* the Lightning floor (VAE only): the plain step as the ``training_step`` of a bare
+  LightningModule, which shows what Lightning's loop alone costs;
 * Pyro SVI (VAE only): ``SVI(model, guide, Adam, Trace_ELBO).step`` as in Pyro's VAE example.
 
-Prints median milliseconds per step and the ratios, writes benchmarks/results/throughput.{json,md}
-and a scaling figure (epoch time against training-set size and batch size) as a PNG.
+Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
+is shared and noisy). Prints median milliseconds per step and the ratios, the split of a 60k-image
+epoch into data, loop, steps and epoch-end logging, and epoch time against the training-set size
+(15k, 30k, 60k) and the batch size; writes benchmarks/results/throughput.{json,md} and
+throughput_scaling.png.
 """
 
 import argparse
@@ -27,6 +32,10 @@ from pathlib import Path
 import pyro
 import pyro.distributions as dist
 import pytorch_lightning as pl
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
@@ -89,16 +98,26 @@ def vae_networks() -> tuple[nn.Module, nn.Module]:
     return encoder, decoder
 
 
-def plain_vae_step(encoder, decoder, optimizer):
+def plain_vae_loss(encoder, decoder):
     """-ELBO with the analytic KL and one reparameterised sample, as varinf computes it."""
 
-    def step(x):
+    def loss(x):
         loc, raw_scale = encoder(x).view(-1, 2, LATENT).unbind(1)
         scale = softplus(raw_scale) + 1e-3
         z = loc + scale * torch.randn_like(loc)
         reconstruction = binary_cross_entropy_with_logits(decoder(z), x.flatten(1), reduction="none").sum(1)
         kl = 0.5 * (loc.square() + scale.square() - 1).sum(1) - scale.log().sum(1)
-        loss = (reconstruction + kl).mean()
+        return (reconstruction + kl).mean()
+
+    return loss
+
+
+def plain_vae_step(encoder, decoder, optimizer):
+    """One Adam step on :func:`plain_vae_loss`."""
+    elbo = plain_vae_loss(encoder, decoder)
+
+    def step(x):
+        loss = elbo(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -144,61 +163,166 @@ def plain_gan_step(generator, discriminator, generator_optimizer, discriminator_
     return step
 
 
+class LightningFloor(pl.LightningModule):
+    """The plain step inside a bare LightningModule: what Lightning's loop alone costs."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.decoder = vae_networks()
+        self.loss = plain_vae_loss(self.encoder, self.decoder)
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
 def mlp(hidden):
     return lambda i, o: MLP(i, o, hidden=hidden)
+
+
+def varinf_vae() -> VAEModule:
+    return VAEModule(
+        latent_dim=LATENT,
+        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=mlp((HIDDEN,))),
+        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=mlp((HIDDEN,))),
+    )
+
+
+GAN_LATENT = 64
+
+
+def gan_networks() -> tuple[nn.Module, nn.Module]:
+    return (MLP((GAN_LATENT,), (1, 28, 28), hidden=(256, 512, 1024), activation="leaky_relu", normalization="batch"),
+            MLP((1, 28, 28), (1,), hidden=(512, 256), activation="leaky_relu", dropout=0.2))
+
+
+def gan_adam(parameters):
+    return torch.optim.Adam(parameters, lr=2e-4, betas=(0.5, 0.999))
+
+
+def varinf_gan() -> GANModule:
+    generator, discriminator = gan_networks()
+    return GANModule(
+        latent_dim=GAN_LATENT,
+        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=lambda i, o: generator),
+        discriminator=lambda i, o: discriminator,
+        generator_optimizer=gan_adam, discriminator_optimizer=gan_adam,
+    )
+
+
+def one_round(vae_batches, gan_batches, warmup: int, steps: int) -> dict[str, float]:
+    """Every implementation once, back to back, fresh networks each: median ms per step."""
+    encoder, decoder = vae_networks()
+    plain = plain_vae_step(encoder, decoder, torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3))
+    generator, discriminator = gan_networks()
+    return {
+        "vae_plain_ms": median_ms(plain, vae_batches, warmup, steps),
+        "vae_pyro_svi_ms": median_ms(pyro_svi_vae_step(*vae_networks()), vae_batches, warmup, steps),
+        "vae_lightning_floor_ms": 1000 * statistics.median(lightning_run(LightningFloor(), MNISTDataModule(binarize="dynamic", batch_size=256), warmup, steps).steps),
+        "vae_varinf_ms": 1000 * statistics.median(lightning_run(varinf_vae(), MNISTDataModule(binarize="dynamic", batch_size=256), warmup, steps).steps),
+        "gan_plain_ms": median_ms(plain_gan_step(generator, discriminator, gan_adam(generator.parameters()), gan_adam(discriminator.parameters()), GAN_LATENT), gan_batches, warmup, steps),
+        "gan_varinf_ms": 1000 * statistics.median(lightning_run(varinf_gan(), MNISTDataModule(binarize="none", batch_size=64), warmup, steps).steps),
+    }
+
+
+def mnist_60k(batch_size: int, size: int) -> MNISTDataModule:
+    """Dynamically binarised MNIST whose training split is the first ``size`` of all 60k training
+    images (varinf's 55k training and 5k validation images)."""
+    data = MNISTDataModule(binarize="dynamic", batch_size=batch_size)
+    data.setup("fit")
+    (train, train_labels), (val, val_labels) = data.splits["train"], data.splits["val"]
+    data.splits["train"] = (torch.cat([train, val])[:size], torch.cat([train_labels, val_labels])[:size])
+    return data
+
+
+def epoch_seconds(batch_size: int, size: int) -> float:
+    return lightning_run(varinf_vae(), mnist_60k(batch_size, size), 0, 0, limit_train_batches=1.0).epoch_seconds
+
+
+def epoch_split(rounds: int) -> dict[str, float]:
+    """One 60k epoch of the VAE split into data (the batches alone: slicing and binarising, timed
+    by iterating them without training), loop (the rest of the gaps between steps: Lightning's
+    per-batch work), steps, and epoch-end work (logging the epoch metrics); medians over rounds."""
+    splits = []
+    for _ in range(rounds):
+        data = mnist_60k(256, 60_000)
+        started = time.perf_counter()
+        for _batch in data.train_dataloader():
+            pass
+        data_seconds = time.perf_counter() - started
+        timer = lightning_run(varinf_vae(), mnist_60k(256, 60_000), 0, 0, limit_train_batches=1.0)
+        gaps, steps = sum(timer.gaps), sum(timer.steps)
+        splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "loop": gaps - data_seconds, "steps": steps,
+                       "epoch_end": timer.epoch_seconds - gaps - steps})
+    median = {key: statistics.median(split[key] for split in splits) for key in splits[0]}
+    return {"vae_epoch_seconds": median["epoch_seconds"],
+            **{f"vae_epoch_{key}_share": median[key] / median["epoch_seconds"] for key in ("data", "loop", "steps", "epoch_end")}}
+
+
+def scaling(rounds: int) -> dict:
+    """Median epoch seconds against the training-set size (batch 256) and the batch size (60k)."""
+    sizes, batch_sizes = (15_000, 30_000, 60_000), (64, 128, 256, 512)
+    by_size = {n: statistics.median(epoch_seconds(256, n) for _ in range(rounds)) for n in sizes}
+    by_batch = {b: statistics.median(epoch_seconds(b, 60_000) for _ in range(rounds)) for b in batch_sizes}
+    per_image = {n: by_size[n] / n for n in sizes}
+    linearity = max(abs(per_image[n] / per_image[60_000] - 1) for n in sizes)
+    return {"epoch_seconds_by_size": by_size, "epoch_seconds_by_batch_size": by_batch, "largest_deviation_from_linear": linearity}
+
+
+def plot_scaling(scales: dict, path: Path) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    sizes, seconds = zip(*scales["epoch_seconds_by_size"].items())
+    left.plot(sizes, seconds, "o-", label="measured")
+    left.plot([0, sizes[-1]], [0, seconds[-1]], "--", color="grey", label="proportional to size")
+    left.set(xlabel="training images", ylabel="epoch seconds (batch 256)", title="epoch time against data size")
+    left.legend(fontsize="small")
+    batches, seconds = zip(*scales["epoch_seconds_by_batch_size"].items())
+    right.plot(batches, seconds, "o-")
+    right.set(xscale="log", xticks=batches, xticklabels=[str(b) for b in batches], xlabel="batch size", ylabel="epoch seconds (60k images)",
+              title="epoch time against batch size")
+    figure.suptitle("varinf VAE (784-400-50 MLP), dynamically binarised MNIST, this machine")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="every measurement is repeated this often, interleaved; medians are reported")
     args = parser.parse_args()
     torch.manual_seed(0)
-    mnist = MNISTDataModule(binarize="dynamic", batch_size=256)
-    images = mnist.load_splits()["train"][0]
+    images = MNISTDataModule(binarize="dynamic", batch_size=256).load_splits()["train"][0]
     vae_batches = [torch.bernoulli(images[i : i + 256]) for i in range(0, 256 * 40, 256)]
     gan_batches = [images[i : i + 64] for i in range(0, 64 * 40, 64)]
-    results = {}
 
-    encoder, decoder = vae_networks()
-    plain = plain_vae_step(encoder, decoder, torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3))
-    results["vae_plain_ms"] = median_ms(plain, vae_batches, args.warmup, args.steps)
-    results["vae_pyro_svi_ms"] = median_ms(pyro_svi_vae_step(*vae_networks()), vae_batches, args.warmup, args.steps)
-    vae = VAEModule(
-        latent_dim=LATENT,
-        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=mlp((HIDDEN,))),
-        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=mlp((HIDDEN,))),
-    )
-    timer = lightning_run(vae, MNISTDataModule(binarize="dynamic", batch_size=256), args.warmup, args.steps)
-    results["vae_varinf_ms"] = 1000 * statistics.median(timer.steps)
+    rounds = [one_round(vae_batches, gan_batches, args.warmup, args.steps) for _ in range(args.rounds)]
+    ratios = {
+        "vae_varinf_over_plain": ("vae_varinf_ms", "vae_plain_ms"),
+        "vae_lightning_floor_over_plain": ("vae_lightning_floor_ms", "vae_plain_ms"),
+        "vae_pyro_svi_over_varinf": ("vae_pyro_svi_ms", "vae_varinf_ms"),
+        "gan_varinf_over_plain": ("gan_varinf_ms", "gan_plain_ms"),
+    }
+    results = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    results.update({name: statistics.median(r[top] / r[bottom] for r in rounds) for name, (top, bottom) in ratios.items()})
+    results.update(epoch_split(args.rounds))
+    scales = scaling(args.rounds)
+    results["epoch_time_largest_deviation_from_linear"] = scales["largest_deviation_from_linear"]
 
-    latent_dim = 64
-    generator, discriminator = MLP((latent_dim,), (1, 28, 28), hidden=(256, 512, 1024), activation="leaky_relu", normalization="batch"), MLP((1, 28, 28), (1,), hidden=(512, 256), activation="leaky_relu", dropout=0.2)
-    adam = lambda parameters: torch.optim.Adam(parameters, lr=2e-4, betas=(0.5, 0.999))  # noqa: E731
-    results["gan_plain_ms"] = median_ms(plain_gan_step(generator, discriminator, adam(generator.parameters()), adam(discriminator.parameters()), latent_dim), gan_batches, args.warmup, args.steps)
-    gan = GANModule(
-        latent_dim=latent_dim,
-        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=lambda i, o: MLP(i, o, hidden=(256, 512, 1024), activation="leaky_relu", normalization="batch")),
-        discriminator=lambda i, o: MLP(i, o, hidden=(512, 256), activation="leaky_relu", dropout=0.2),
-        generator_optimizer=adam, discriminator_optimizer=adam,
-    )
-    gan_timer = lightning_run(gan, MNISTDataModule(binarize="none", batch_size=64), args.warmup, args.steps)
-    results["gan_varinf_ms"] = 1000 * statistics.median(gan_timer.steps)
-
-    # a whole epoch, split into data (gaps between steps), steps and the rest
-    epoch = lightning_run(VAEModule(latent_dim=LATENT), MNISTDataModule(binarize="dynamic", batch_size=256), 0, 0, limit_train_batches=1.0)
-    results["vae_epoch_seconds"] = epoch.epoch_seconds
-    results["vae_epoch_data_share"] = sum(epoch.gaps) / epoch.epoch_seconds
-    results["vae_epoch_step_share"] = sum(epoch.steps) / epoch.epoch_seconds
-    results["vae_epoch_other_share"] = 1 - results["vae_epoch_data_share"] - results["vae_epoch_step_share"]
-
-    results["vae_varinf_over_plain"] = results["vae_varinf_ms"] / results["vae_plain_ms"]
-    results["vae_pyro_svi_over_varinf"] = results["vae_pyro_svi_ms"] / results["vae_varinf_ms"]
-    results["gan_varinf_over_plain"] = results["gan_varinf_ms"] / results["gan_plain_ms"]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "throughput.json").write_text(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), **results}, indent=2) + "\n")
+    record = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+              **results, "scaling": scales, "per_round": rounds}
+    (RESULTS / "throughput.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_scaling(scales, RESULTS / "throughput_scaling.png")
     lines = ["| quantity | value |", "| --- | --- |", *(f"| {key} | {value:.3f} |" for key, value in results.items())]
-    (RESULTS / "throughput.md").write_text("# Training-step throughput (median ms per step)\n\n" + "\n".join(lines) + "\n")
+    lines += ["", "| training images | epoch s (batch 256) |", "| --- | --- |", *(f"| {n} | {t:.2f} |" for n, t in scales["epoch_seconds_by_size"].items())]
+    lines += ["", "| batch size | epoch s (60k) |", "| --- | --- |", *(f"| {b} | {t:.2f} |" for b, t in scales["epoch_seconds_by_batch_size"].items())]
+    header = (f"# Training-step throughput\n\nMedians over {args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps "
+              "(ms per step; ratios are medians of per-round ratios); epoch shares are of one 60k-image epoch.\n\n")
+    (RESULTS / "throughput.md").write_text(header + "\n".join(lines) + "\n\n![scaling](throughput_scaling.png)\n")
     print("\n".join(lines))
 
 
