@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import yaml
 from conftest import REPO
 
-from varinf import MLP, ConfigError, GaussianEncoderGuide, LatentVariableModel, VAEModule, load_module
+from varinf import MLP, ConfigError, GaussianEncoderGuide, GaussianLikelihood, LatentVariableModel, VAEModule, load_module
 from varinf.cli import fit, main
 
 RECIPE = REPO / "recipes" / "vae_mnist.yaml"
@@ -291,3 +292,74 @@ def test_a_recipe_trains_in_mixed_precision(tmp_path, recipe):
     metrics = cli.trainer.callback_metrics
     key = "test/negative_elbo" if recipe.startswith("vae") else "test/D/loss"  # the fit ends with a test run
     assert cli.trainer.precision == precision and math.isfinite(float(metrics[key]))
+
+
+HOST_COPIES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def no_host_copies():
+    """Within the block, every Tensor method that copies a value to the host (a device sync on a
+    GPU, and Python branching on a tensor's value) raises, except inside torch's optimisers (whose
+    step counters live on the host whatever the device)."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
+    in_optimizer = [False]
+    adam_step = torch.optim.Adam.step
+
+    def step(*args, **kwargs):
+        in_optimizer[0] = True
+        try:
+            return adam_step(*args, **kwargs)
+        finally:
+            in_optimizer[0] = False
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            if in_optimizer[0]:
+                return saved[name](self, *args, **kwargs)
+            raise AssertionError(f"a training step called Tensor.{name}, a host-device sync")
+        return method
+
+    torch.optim.Adam.step = step
+
+    for name in HOST_COPIES:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        torch.optim.Adam.step = adam_step
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+@pytest.mark.parametrize("kind", ["vae", "gan"])
+def test_a_training_step_copies_nothing_to_the_host(kind):
+    """What varinf runs per step (the step with its optimiser steps, metrics and NaN watches, and
+    the gradient hook) never syncs with the device; values reach the host every
+    log_every_n_steps batches, at epoch ends and at checkpoints."""
+    import pytorch_lightning as pl
+
+    from varinf import GANModule, MNISTDataModule, RingDataModule
+
+    network = lambda i, o: MLP(i, o, hidden=(32,))  # noqa: E731
+    if kind == "vae":
+        module, data = small_vae(), MNISTDataModule(binarize="dynamic", batch_size=32)
+    else:
+        module = GANModule(data_shape=(2,), latent_dim=2, model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network, likelihood=lambda: GaussianLikelihood()),
+                           discriminator=network)
+        data = RingDataModule(batch_size=32)
+    calls = []
+    for name in ("training_step", "on_before_optimizer_step", "on_train_batch_start"):
+        original = getattr(module, name)
+
+        def checked(*args, original=original, **kwargs):
+            calls.append(original.__name__)
+            with no_host_copies():
+                return original(*args, **kwargs)
+
+        setattr(module, name, checked)
+    module.configure_callbacks = list
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, log_every_n_steps=1000, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    assert calls.count("training_step") >= 3
