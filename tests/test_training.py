@@ -177,6 +177,30 @@ def test_active_units_counts_dimensions_whose_posterior_mean_varies():
     assert metric.compute().item() == expected.item() == 2
 
 
+def test_epoch_means_are_batch_weighted_means_of_each_name_whenever_it_was_updated():
+    from varinf.metrics import EpochMeans
+
+    metric = EpochMeans()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(int(size), torch.randn(3, generator=generator)) for size in torch.randint(1, 50, (20,), generator=generator)]
+    for step, (size, values) in enumerate(batches):
+        update = {"D/loss": values[0], "js": values[1]}
+        if step % 3 == 0:  # a generator step every third batch
+            update["G/loss"] = values[2]
+        metric.update(update, size)
+    means = metric.compute()
+
+    def weighted(index, steps):
+        sizes = torch.tensor([batches[s][0] for s in steps], dtype=torch.float64)
+        values = torch.stack([batches[s][1][index] for s in steps]).double()
+        return float((sizes * values).sum() / sizes.sum())
+
+    every, third = range(20), range(0, 20, 3)
+    assert float(means["D/loss"]) == pytest.approx(weighted(0, every), rel=1e-6)
+    assert float(means["js"]) == pytest.approx(weighted(1, every), rel=1e-6)
+    assert float(means["G/loss"]) == pytest.approx(weighted(2, third), rel=1e-6)
+
+
 @pytest.mark.parametrize("recipe", ["gan_mnist", "wgan_gp_mnist", "dcgan_mnist", "aae_mnist", "ali_mnist", "gan_ring", "wgan_gp_ring"])
 def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp_path, recipe):
     batches = 10

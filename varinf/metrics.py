@@ -37,7 +37,9 @@ class EpochMeans(Metric):
             if len(self.slots) > len(self.totals):
                 raise ValueError(f"EpochMeans holds at most {len(self.totals)} names; raise its capacity.")
             self._indices[names] = torch.tensor([self.slots[name] for name in names], device=self.totals.device)
-        index = self._indices[names].to(self.totals.device)
+        index = self._indices[names]
+        if index.device != self.totals.device:
+            index = self._indices[names] = index.to(self.totals.device)
         batch = torch.stack([value.detach().reshape(()) for value in values.values()]).to(self.totals.dtype)
         self.totals.index_add_(0, index, batch * weight)
         self.weights.index_add_(0, index, torch.full_like(batch, weight))

@@ -103,11 +103,14 @@ class GenerativeModule(pl.LightningModule):
 
     # --- epoch metrics and numerical checks, kept on the device: no host sync per step ----------
     def epoch_metric(self, key: str, make: Callable[[], Metric]) -> Metric:
-        """The torchmetrics ``Metric`` accumulating ``key`` over the current epoch, made on the
-        module's device at first use; logged and reset at the epoch's end."""
-        if key not in self._epoch_metrics:
-            self._epoch_metrics[key] = make().to(self.device)
-        return self._epoch_metrics[key]
+        """The torchmetrics ``Metric`` accumulating ``key`` over the current epoch, on the module's
+        device (made at first use); logged and reset at the epoch's end."""
+        metric = self._epoch_metrics.get(key)
+        if metric is None:
+            metric = self._epoch_metrics[key] = make().to(self.device)
+        elif metric.device != self.device:  # the module moved (a GPU fit after a CPU evaluation, say)
+            metric.to(self.device)
+        return metric
 
     def record(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
         """Add batch means to the epoch means of ``{stage}/{name}`` (:class:`EpochMeans`), with
