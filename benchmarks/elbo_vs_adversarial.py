@@ -215,14 +215,17 @@ def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
+def runs_dir(budget_name: str) -> Path:
+    return ROOT / "runs" / "elbo_vs_adversarial" / budget_name
+
+
 def task_result(model: str, seed: int, budget_name: str) -> Path:
-    return ROOT / "runs" / "elbo_vs_adversarial" / budget_name / f"{model}_seed{seed}" / "version_0" / "result.json"
+    return runs_dir(budget_name) / f"{model}_seed{seed}" / "version_0" / "result.json"
 
 
 def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
     """Fit and evaluate one (model, seed); write its values, the commit and the timing beside its run."""
-    runs = ROOT / "runs" / "elbo_vs_adversarial" / budget_name
-    run, seconds, epochs_now, epochs = fit(model, seed, budget["fit"], runs)
+    run, seconds, epochs_now, epochs = fit(model, seed, budget["fit"], runs_dir(budget_name))
     started = time.perf_counter()
     evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
     values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))

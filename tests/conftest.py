@@ -1,5 +1,6 @@
 """Shared test setup: the offline MNIST folder and helpers that write IDX files."""
 
+import csv
 import gzip
 import os
 from pathlib import Path
@@ -8,6 +9,15 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def last_logged(run: Path) -> dict[str, float]:
+    """The last logged value of every column of a run's CSV log."""
+    logged = {}
+    with (run / "metrics.csv").open() as file:
+        for row in csv.DictReader(file):
+            logged.update({name: float(value) for name, value in row.items() if value})
+    return logged
 MNIST_DIR = Path(os.environ.get("VARINF_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "mnist"))
 
 

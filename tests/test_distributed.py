@@ -1,7 +1,6 @@
 """Training across processes: Lightning's DDP with 2 CPU processes and the gloo backend, against
 one process with the same global batch on the same data."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -9,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, last_logged
 
 from varinf import load_module
 from varinf.cli import fit
 from varinf.evaluation import datamodule_from_checkpoint, negative_elbo
 
-REPO = Path(__file__).resolve().parent.parent
 QUIET = ["--trainer.accelerator=cpu", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-
-
-def epoch_metrics(run: Path) -> dict[str, float]:
-    """The last logged value of every column of a run's CSV log."""
-    logged = {}
-    with (run / "metrics.csv").open() as file:
-        for row in csv.DictReader(file):
-            logged.update({name: float(value) for name, value in row.items() if value})
-    return logged
 
 
 def fit_both(tmp_path: Path, recipe: str, global_batch: int, batches: int) -> tuple[Path, Path]:
@@ -40,7 +30,7 @@ def fit_both(tmp_path: Path, recipe: str, global_batch: int, batches: int) -> tu
 
 def test_ddp_vae_matches_one_process_with_the_same_global_batch(tmp_path):
     ddp, single = fit_both(tmp_path, "vae_mnist", global_batch=128, batches=20)
-    ddp_logged, single_logged = epoch_metrics(ddp), epoch_metrics(single)
+    ddp_logged, single_logged = last_logged(ddp), last_logged(single)
     # each process took 20 steps on its own shard: the same 20 x 128 images per step in all
     for name in ("train/negative_elbo", "val/negative_elbo", "test/negative_elbo"):
         assert ddp_logged[name] == pytest.approx(single_logged[name], rel=0.02), name
@@ -58,7 +48,7 @@ def test_ddp_vae_matches_one_process_with_the_same_global_batch(tmp_path):
 
 def test_ddp_gan_matches_one_process_with_the_same_global_batch(tmp_path):
     ddp, single = fit_both(tmp_path, "gan_ring", global_batch=256, batches=30)
-    ddp_logged, single_logged = epoch_metrics(ddp), epoch_metrics(single)
+    ddp_logged, single_logged = last_logged(ddp), last_logged(single)
     for name in ("train/D/loss", "train/G/loss"):
         assert ddp_logged[name] == pytest.approx(single_logged[name], rel=0.05), name
     stored = torch.load(ddp / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

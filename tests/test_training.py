@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, last_logged
 
 from varinf import MLP, ConfigError, GaussianEncoderGuide, GaussianLikelihood, LatentVariableModel, VAEModule, load_module
 from varinf.cli import fit, main
@@ -79,10 +79,7 @@ def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     for image in ("samples.png", "reconstructions.png", "samples_epoch_000.png", "samples_epoch_001.png"):
         assert (run / "images" / image).stat().st_size > 1000
-    logged = {}  # the last value of every column of the CSV log
-    with (run / "metrics.csv").open() as file:
-        for row in csv.DictReader(file):
-            logged.update({name: float(value) for name, value in row.items() if value})
+    logged = last_logged(run)
     for name in ("train/negative_elbo", "train/kl", "train/reconstruction", "train/active_units", "train/loss_step",
                  "val/negative_elbo", "val/reconstruction", "val/kl", "val/active_units", "test/negative_elbo"):
         assert math.isfinite(logged[name]), name

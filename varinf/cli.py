@@ -87,9 +87,8 @@ class VarinfCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("resume"):
             config.ckpt_path, config.trainer.logger.init_args.version = last_checkpoint(config.trainer.logger)
-        model_class = import_class(config.model.class_path) if config.get("model") and config.model.get("class_path") else None
-        if config.trainer.get("strategy") == "ddp" and model_class is not None:
-            config.trainer.strategy = getattr(model_class, "ddp_strategy", "ddp")
+        if config.trainer.get("strategy") == "ddp" and config.get("model") and config.model.get("class_path"):
+            config.trainer.strategy = getattr(import_class(config.model.class_path), "ddp_strategy", "ddp")
 
     def instantiate_classes(self) -> None:
         try:

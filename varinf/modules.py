@@ -244,9 +244,10 @@ class GenerativeModule(pl.LightningModule):
 
 
 OBJECTIVES = {"elbo": ELBOLoss, "iwae": IWAELoss}
+"""The likelihood objectives a VAEModule trains with, by name."""
+
 LOSS_PARTS = ("reconstruction (site 'x')", "kl (site 'z')", "the weighted sum")
 """What the watched training loss vector holds, the parts first so a bad part is named."""
-"""The likelihood objectives a VAEModule trains with, by name."""
 
 
 class VAEModule(GenerativeModule):
