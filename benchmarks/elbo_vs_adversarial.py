@@ -52,10 +52,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 MODELS = {  # name: (recipe, training epochs under the full budget); add a row to benchmark a new model
-    "vae": ("vae_mnist", 40),
-    "iwae": ("iwae_mnist", 40),
-    "vae_iaf": ("vae_iaf_mnist", 40),
-    "vae_vampprior": ("vae_vampprior_mnist", 40),
+    "vae": ("vae_mnist", 80),
+    "iwae": ("iwae_mnist", 80),
+    "vae_iaf": ("vae_iaf_mnist", 80),
+    "vae_vampprior": ("vae_vampprior_mnist", 80),
     "aae": ("aae_mnist", 10),
     "gan": ("gan_mnist", 15),
     "wgan_gp": ("wgan_gp_mnist", 25),
