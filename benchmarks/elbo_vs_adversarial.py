@@ -56,10 +56,10 @@ MODELS = {  # name: (recipe, training epochs under the full budget); add a row t
     "iwae": ("iwae_mnist", 80),
     "vae_iaf": ("vae_iaf_mnist", 80),
     "vae_vampprior": ("vae_vampprior_mnist", 80),
-    "aae": ("aae_mnist", 10),
-    "gan": ("gan_mnist", 15),
-    "wgan_gp": ("wgan_gp_mnist", 25),
-    "ali": ("ali_mnist", 15),
+    "aae": ("aae_mnist", 6),
+    "gan": ("gan_mnist", 12),
+    "wgan_gp": ("wgan_gp_mnist", 20),
+    "ali": ("ali_mnist", 12),
 }
 
 BUDGETS = {
