@@ -2,6 +2,7 @@
 
     python benchmarks/elbo_vs_adversarial.py --budget quick   # smoke run, under 10 minutes
     python benchmarks/elbo_vs_adversarial.py --budget full    # the committed table, under 3 hours
+    python benchmarks/elbo_vs_adversarial.py --budget paper   # paper protocols, one seed, ~4 hours
 
 Each (model, seed) is one task, run in its own process: fit from the model's recipe by ``varinf
 fit``, then evaluated with ``varinf.evaluation`` (likelihood metrics for models that have one,
@@ -15,6 +16,9 @@ all classes) and uniform noise.
 Writes benchmarks/results/elbo_vs_adversarial.{json,md} (``--budget quick`` writes
 ``elbo_vs_adversarial_quick.*``): mean +- std over seeds, wall time per epoch, machine and
 versions; and PNGs: a sample grid per model, metric bars, and divergence read-out curves.
+``--budget paper`` trains the papers' setups long enough to hold them against published numbers
+(THEORY.md section 4): the AAE paper's MLP AAE and the GAN for Parzen (340 and 225 nats), the IWAE
+paper's 784-200-200-50 VAE for the NLL with k=5000 (86.76 nats after 3280 epochs).
 MNIST comes from $VARINF_DATA_DIR (default ../shared/data/mnist); nothing is downloaded.
 """
 
@@ -61,14 +65,26 @@ MODELS = {  # name: (recipe, training epochs under the full budget); add a row t
     "wgan_gp": ("wgan_gp_mnist", 20),
     "ali": ("ali_mnist", 12),
 }
+PAPER_PROTOCOLS = {  # name: (recipe, training epochs); one seed
+    "aae_paper": ("aae_mnist", 100),
+    "gan_paper": ("gan_mnist", 100),
+    "vae_iwae_paper": ("vae_iwae_paper_mnist", 121),  # the first 4 of the paper's 7 learning-rate stages
+}
+PUBLISHED = {  # THEORY.md section 4
+    "aae_paper": "parzen 340 +- 2 (Makhzani et al. 2015)",
+    "gan_paper": "parzen 225 +- 2 (Goodfellow et al. 2014)",
+    "vae_iwae_paper": "nll 86.76 after 3280 epochs (Burda et al. 2016)",
+}
 
 BUDGETS = {
     "quick": {
         "fit": ["--trainer.max_epochs=1", "--trainer.limit_train_batches=40", "--trainer.limit_val_batches=2"],
         "evaluation": {"num_samples": 2000, "k": 50},
         "seeds": [0],  # a smoke run: every model and metric once
+        "models": MODELS,
     },
-    "full": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 200}, "seeds": [0, 1, 2]},
+    "full": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 200}, "seeds": [0, 1, 2], "models": MODELS},
+    "paper": {"fit": [], "evaluation": {"num_samples": 10_000, "k": 5000}, "seeds": [0], "models": PAPER_PROTOCOLS},
 }
 
 HEADLINE = {  # metric: (value key, lower is better)
@@ -83,10 +99,10 @@ HEADLINE = {  # metric: (value key, lower is better)
 COLUMNS = ["nll", "parzen", "fid", "kid", "precision", "recall", "classes_covered", "kl_to_uniform", "kl_data_model", "kl_model_data", "js"]
 
 
-def fit(model: str, seed: int, overrides: list[str], runs: Path) -> tuple[Path, float, int, int]:
+def fit(model: str, seed: int, budget: dict, runs: Path) -> tuple[Path, float, int, int]:
     """Fit one model from its recipe, resuming from the run's last checkpoint if a fit was cut
     short; returns its run folder, the wall seconds and epochs of this fit, and the epochs in all."""
-    recipe, epochs = MODELS[model]
+    recipe, epochs = budget["models"][model]
     name = f"{model}_seed{seed}"
     run = runs / name / "version_0"
     resume = (run / "checkpoints" / "last.ckpt").exists()
@@ -96,7 +112,7 @@ def fit(model: str, seed: int, overrides: list[str], runs: Path) -> tuple[Path, 
         str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
         f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0", *overrides, *(["--resume=true"] if resume else []),
+        "--trainer.logger.init_args.version=0", *budget["fit"], *(["--resume=true"] if resume else []),
     ]
     done_before = len(list((run / "images").glob("samples_epoch_*.png")))
     started = time.perf_counter()
@@ -164,6 +180,9 @@ def markdown(table: dict, sanity: dict, meta: dict) -> str:
         lines.append(f"| {model} | {row['epochs'][0]:.0f} | {row['seconds_per_epoch'][0]:.1f} | " + " | ".join(cells) + " |")
     for name, row in sanity.items():
         lines.append(f"| {name} | | | " + " | ".join(f"{row[c]:.3g}" if c in row else "" for c in COLUMNS) + " |")
+    published = [f"{model}: {PUBLISHED[model]}" for model in table if model in PUBLISHED]
+    if published:
+        lines += ["", "Published: " + "; ".join(published) + "."]
     lines += ["", (
         f"Machine: {meta['machine']}; {meta['workers']} tasks at a time, {meta['threads_per_task']} threads each (s/epoch is per task). "
         f"Versions: {meta['versions']}; commit {', '.join(c[:10] for c in meta['commits'])}. "
@@ -225,7 +244,7 @@ def task_result(model: str, seed: int, budget_name: str) -> Path:
 
 def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
     """Fit and evaluate one (model, seed); write its values, the commit and the timing beside its run."""
-    run, seconds, epochs_now, epochs = fit(model, seed, budget["fit"], runs_dir(budget_name))
+    run, seconds, epochs_now, epochs = fit(model, seed, budget, runs_dir(budget_name))
     started = time.perf_counter()
     evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
     values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
@@ -255,7 +274,7 @@ def run_tasks(tasks: list[tuple[str, int]], budget_name: str, seeds: list[int], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=sorted({**MODELS, **PAPER_PROTOCOLS}), help="a subset of the budget's models")
     parser.add_argument("--seeds", nargs="+", type=int, help="a subset of the budget's seeds; results then go to files tagged with them")
     parser.add_argument("--workers", type=int, default=2, help="tasks run at once")
     parser.add_argument("--fresh", action="store_true", help="refit tasks whose results are already kept")
@@ -263,6 +282,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("VARINF_DATA_DIR", str(ROOT.parent / "shared" / "data" / "mnist"))
     budget = dict(BUDGETS[args.budget])
+    args.models = args.models or list(budget["models"])
+    if not set(args.models) <= set(budget["models"]):
+        parser.error(f"--budget {args.budget} trains {sorted(budget['models'])}; got --models {args.models}")
     suffix = "" if args.budget == "full" else f"_{args.budget}"
     if args.seeds and args.seeds != budget["seeds"]:
         budget["seeds"] = args.seeds
@@ -291,7 +313,7 @@ def main() -> None:
         "seeds": budget["seeds"],
         "suffix": suffix,
         "fit_overrides": budget["fit"],
-        "epochs": {model: MODELS[model][1] for model in args.models},
+        "epochs": {model: budget["models"][model][1] for model in args.models},
         "evaluation": budget["evaluation"],
         "protocol": (
             f"{budget['evaluation']['num_samples']} samples per model against the 10k grey-level test images; nll is the IWAE bound "
@@ -311,7 +333,7 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": per_seed, "sanity": sanity}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(table, sanity, meta))
     plot_metrics(table, sanity, RESULTS / f"elbo_vs_adversarial{suffix}_metrics.png")
-    plot_divergence_curves({m: r for m, r in first_runs.items() if not MODELS[m][0].startswith(("vae", "iwae"))}, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
+    plot_divergence_curves({m: r for m, r in first_runs.items() if not budget["models"][m][0].startswith(("vae", "iwae"))}, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
     print(stem.with_suffix(".md").read_text())
 
 
