@@ -21,8 +21,8 @@ class DiagonalNormalMixture(dist.TorchDistribution):
     The same density as ``MixtureSameFamily(Categorical, Normal(...).to_event(1))``, computed with
     matrix products instead of a ``(..., K, D)`` tensor: with ``w_k = sigma_k^-2``,
     ``sum_d (z_d - mu_kd)^2 w_kd = z^2 . w_k - 2 z . (mu_k w_k) + mu_k^2 . w_k``. The three terms
-    cancel, so they are summed in float64. A VampPrior step then costs a little more than a
-    N(0, I) one instead of 2.4 times as much.
+    cancel, so they are summed in float64. A VAE step with a 100-component VampPrior then costs
+    1.6 steps with N(0, I) instead of 2.4 (784-500-500-50, batch 128, one thread).
 
     Args:
         locs, scales: ``(K, D)`` component means and standard deviations.
