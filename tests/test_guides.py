@@ -5,13 +5,16 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import scipy.stats
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from test_objectives import B, NOISE, data
 
 from varinf import (
     MLP,
     ConfigError,
+    DataError,
     DeltaEncoderGuide,
     ELBOLoss,
     FlowGuide,
@@ -20,6 +23,7 @@ from varinf import (
     GaussianLikelihood,
     LatentVariableModel,
     MixtureOfGaussiansPrior,
+    MNISTDataModule,
     VAEModule,
     VampPrior,
 )
@@ -175,6 +179,39 @@ def test_vamp_prior_is_the_mean_of_the_guides_posteriors_at_its_pseudo_inputs():
     assert module.model.prior.raw_pseudo_inputs.grad.abs().sum() > 0
     names = [name for name, _ in module.named_parameters()]
     assert not any(name.startswith("model.prior.") and "guide" in name for name in names)
+
+
+def vamp_fit(tmp_path, init: str, steps: int, ckpt_path: str | None = None) -> VAEModule:
+    small = partial(MLP, hidden=(16,))
+    module = VAEModule(latent_dim=3, guide=partial(GaussianEncoderGuide, encoder=small),
+                       model=partial(LatentVariableModel, decoder=small, prior=partial(VampPrior, num_pseudo_inputs=5, init=init)))
+    trainer = pl.Trainer(max_steps=steps, limit_train_batches=steps, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
+                         logger=CSVLogger(tmp_path, name="vamp", version=0), default_root_dir=tmp_path)
+    trainer.fit(module, MNISTDataModule(binarize="dynamic", batch_size=32), ckpt_path=ckpt_path, weights_only=False)  # hparams hold partials
+    return module
+
+
+def test_vamp_pseudo_inputs_start_at_training_images_and_a_resumed_fit_keeps_the_checkpoints(tmp_path):
+    data = MNISTDataModule(binarize="dynamic")
+    data.setup("fit")
+    images = data.splits["train"][0][torch.randperm(len(data.splits["train"][0]), generator=torch.Generator().manual_seed(0))[:5]]
+    fitted = vamp_fit(tmp_path, "data", steps=1)
+    # one Adam step (lr 1e-3) away from logit(0.1 + 0.8 x) of 5 seeded training images
+    torch.testing.assert_close(fitted.model.prior.raw_pseudo_inputs.detach(), torch.logit(0.1 + 0.8 * images), atol=1.1e-3, rtol=0)
+    noise = VampPrior(3, num_pseudo_inputs=5).raw_pseudo_inputs.detach()
+    torch.testing.assert_close(vamp_fit(tmp_path / "noise", "noise", steps=1).model.prior.raw_pseudo_inputs.detach(), noise, atol=1.1e-3, rtol=0)
+    checkpoint = tmp_path / "vamp" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]["model.prior.raw_pseudo_inputs"]
+    resumed = vamp_fit(tmp_path, "data", steps=1, ckpt_path=str(checkpoint))  # already done: restores, trains nothing
+    assert torch.equal(resumed.model.prior.raw_pseudo_inputs.detach(), saved)
+    assert not torch.equal(saved, torch.logit(0.1 + 0.8 * images))
+
+
+def test_vamp_data_initialisation_refuses_images_of_another_shape():
+    with pytest.raises(DataError, match=r"needs at least 5 training images of shape \(1, 28, 28\).*init: noise"):
+        VampPrior(3, num_pseudo_inputs=5).initialise_from_data(torch.rand(100, 2))
+    with pytest.raises(ConfigError, match="init must be 'data' or 'noise'"):
+        VampPrior(3, init="random")
 
 
 def test_missing_capabilities_are_refused_when_the_module_is_built():

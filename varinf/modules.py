@@ -86,6 +86,16 @@ class GenerativeModule(pl.LightningModule):
             checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
         return [checkpoint, ImageGrids()]
 
+    def setup(self, stage: str) -> None:
+        """Before a fit, a prior that starts from data (a VampPrior's pseudo-inputs) takes its
+        starting points from the training split. Lightning restores a checkpoint after ``setup``,
+        so a resumed fit keeps the checkpoint's prior."""
+        initialise = getattr(getattr(self.model, "prior", None), "initialise_from_data", None)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "fit" and initialise is not None and hasattr(datamodule, "splits"):
+            datamodule.setup(stage)
+            initialise(datamodule.splits["train"][0])
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.raise_if_not_finite()
         checkpoint[RNG_STATES_KEY] = random_states()
@@ -312,6 +322,7 @@ class VAEModule(GenerativeModule):
     def setup(self, stage: str) -> None:
         """Refuse a Bernoulli likelihood on data that is not binary (grey levels without a declared
         binarisation): its log-likelihood would be silently wrong."""
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if not isinstance(self.model.likelihood, BernoulliLikelihood) or datamodule is None:
             return
