@@ -60,10 +60,10 @@ MODELS = {  # name: (recipe, training epochs under the full budget); add a row t
     "iwae": ("iwae_mnist", 80),
     "vae_iaf": ("vae_iaf_mnist", 80),
     "vae_vampprior": ("vae_vampprior_mnist", 80),
-    "aae": ("aae_mnist", 6),
-    "gan": ("gan_mnist", 12),
-    "wgan_gp": ("wgan_gp_mnist", 20),
-    "ali": ("ali_mnist", 12),
+    "aae": ("aae_mnist", 4),
+    "gan": ("gan_mnist", 8),
+    "wgan_gp": ("wgan_gp_mnist", 14),
+    "ali": ("ali_mnist", 8),
 }
 PAPER_PROTOCOLS = {  # name: (recipe, training epochs); one seed
     "aae_paper": ("aae_mnist", 100),
