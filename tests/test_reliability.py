@@ -79,15 +79,24 @@ class PoisonAt(Callback):
                     parameter.fill_(float("nan"))
 
 
-@pytest.mark.parametrize("gradient_only", [False, True])
-def test_a_nan_stops_training_at_once_and_keeps_the_last_good_checkpoint(tmp_path, gradient_only):
-    poison = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 7, "gradient_only": gradient_only}}])
-    with pytest.raises(NumericalError) as error:  # step 7 is in the second epoch, after one checkpoint
+@pytest.mark.parametrize(
+    "step, gradient_only, expected",
+    [
+        (7, False, "the training loss at step 7 (first bad: reconstruction (site 'x'))"),
+        # a NaN gradient at step 7 makes the parameter NaN in that step's update, and the loss of step 8
+        (7, True, "the training loss at step 8 (first bad: reconstruction (site 'x'))"),
+        # at the epoch's last step no loss sees it: the parameter check before the checkpoint does
+        (9, True, "the parameters model.decoder"),
+    ],
+)
+def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, step, gradient_only, expected):
+    poison = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": step, "gradient_only": gradient_only}}])
+    with pytest.raises(NumericalError) as error:  # steps 5 to 9 are the second epoch, after one checkpoint
         fit(["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=3", "--trainer.limit_train_batches=5",
              *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks={poison}"])
     message = str(error.value)
-    assert "step 7" in message and "last.ckpt" in message and "--resume" in message
-    assert ("gradients" in message) if gradient_only else ("reconstruction (site 'x')" in message)
+    assert expected in message and "model.decoder" in message  # the bad term and step, and the bad parameter
+    assert "last.ckpt" in message and "--resume" in message
     checkpoint = tmp_path / "vae_mnist" / "version_0" / "checkpoints" / "last.ckpt"
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert stored["global_step"] == 5 and all(torch.isfinite(value).all() for value in stored["state_dict"].values())

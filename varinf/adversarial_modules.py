@@ -149,7 +149,6 @@ class AdversarialModule(GenerativeModule):
             self.watch_finite(f"the {name} loss", loss)
             optimizer.zero_grad(set_to_none=True)
             self.manual_backward(loss)
-            self.watch_gradients(f"the {name} gradients", ((n, p) for n, p in self.named_parameters() if p.requires_grad))
             if name in self.grad_clip:
                 self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
             optimizer.step()

@@ -158,31 +158,27 @@ class GenerativeModule(pl.LightningModule):
             self._watched_parts[name] = list(parts)
 
     def raise_if_not_finite(self) -> None:
-        """Stop training if any watched tensor went NaN or inf: called every ``log_every_n_steps``
-        batches, at each epoch's end and before every checkpoint, so no checkpoint holds a NaN. The
-        error names each bad quantity with its first bad step, and the last good checkpoint."""
-        if not self._first_non_finite:
-            return
+        """Stop training if any watched loss went NaN or inf, or any parameter holds one: called
+        every ``log_every_n_steps`` batches, at each epoch's end and before every checkpoint, so no
+        checkpoint holds a NaN. The error names each bad loss with its first bad step, the bad
+        parameters, and the last good checkpoint.
+
+        Gradients are not watched per step: an optimiser step with a NaN or inf gradient leaves a
+        NaN parameter (Adam's and SGD's updates, and norm clipping, all propagate it), which the
+        next loss and this check both see. Under ``16-mixed`` the loss scaler skips such steps."""
         seen = {name: value.tolist() for name, value in self._first_non_finite.items()}
         bad = sorted((step, name, index) for name, (step, index) in seen.items() if step >= 0)
-        if not bad:
-            return
         parts = [
             f"{name} at step {step}" + (f" (first bad: {self._watched_parts[name][index]})" if name in self._watched_parts else "")
             for step, name, index in bad
         ]
-        raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
-
-    def watch_gradients(self, name: str, parameters) -> None:
-        """:meth:`watch_finite` on the gradient norms of ``parameters`` (named), one foreach call.
-        Not under ``16-mixed``, whose loss scaling expects inf gradients now and then (it skips
-        those steps and lowers the scale); its losses are still watched."""
-        if self._trainer is not None and self.trainer.precision == "16-mixed":
-            return
-        named = [(parameter_name, p.grad) for parameter_name, p in parameters if p.grad is not None]
-        if named:
-            norms = torch.stack(torch._foreach_norm([grad for _, grad in named]))
-            self.watch_finite(name, norms, [parameter_name for parameter_name, _ in named])
+        checks = [torch.isfinite(parameter).all() for parameter in self.parameters()]
+        finite = torch.stack(checks).tolist() if checks else []
+        bad_parameters = [name for (name, _), ok in zip(self.named_parameters(), finite) if not ok]
+        if bad_parameters:
+            parts.append(f"the parameters {', '.join(bad_parameters[:5])}{' and others' if len(bad_parameters) > 5 else ''}")
+        if parts:
+            raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Lightning writes step metrics when (batches done + 1) % log_every_n_steps == 0
@@ -266,7 +262,7 @@ class VAEModule(GenerativeModule):
 
     Train, validation and test share one step. Logged, in nats per datapoint: ``{stage}/loss``
     (what is minimised), ``{stage}/negative_elbo``, ``{stage}/reconstruction`` (``-E_q log p(x|z)``),
-    ``{stage}/kl`` (``KL(q(z|x) || p(z))``) and ``{stage}/active_units``.
+    ``{stage}/kl`` (``KL(q(z|x) || p(z))``), and ``val/active_units`` and ``test/active_units``.
 
     Args:
         data_shape: shape of one datapoint.
@@ -353,15 +349,13 @@ class VAEModule(GenerativeModule):
         terms = self.objective.terms(x)
         if stage == "train":
             self.watch_finite("the training loss", torch.stack([terms.reconstruction, terms.kl, terms.loss]), LOSS_PARTS)
-        self.epoch_metric(f"{stage}/active_units", lambda: ActiveUnits(self.model.latent_dim)).update(terms.posterior_mean)
+        if stage != "train":  # a property of the fitted encoder, read on held-out data
+            self.epoch_metric(f"{stage}/active_units", lambda: ActiveUnits(self.model.latent_dim)).update(terms.posterior_mean)
         self.record(stage, {"loss": terms.loss, "negative_elbo": terms.negative_elbo, "reconstruction": terms.reconstruction, "kl": terms.kl}, x.shape[0])
         return terms.loss
 
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.watch_gradients("the gradients", self.named_parameters())
 
     def validation_step(self, batch, batch_idx):
         self.step(batch, "val")
