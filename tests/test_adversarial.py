@@ -1,12 +1,16 @@
 """Adversarial losses, divergence read-outs and the GAN/AAE/ALI modules, against THEORY.md."""
 
+import copy
 import math
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning import Callback
 from scipy import integrate
 from scipy.stats import norm
+from torch.utils.data import DataLoader, TensorDataset
 
 from varinf import (
     ADVERSARIAL_LOSSES,
@@ -18,6 +22,7 @@ from varinf import (
     DeltaEncoderGuide,
     GANModule,
     GaussianEncoderGuide,
+    GaussianLikelihood,
     LatentVariableModel,
     gradient_penalty,
     js,
@@ -165,6 +170,49 @@ def test_gan_and_ali_phases_train_exactly_their_networks():
                 phase().backward()
             with_grad = {child for child, m in module.named_children() if any(p.grad is not None for p in m.parameters())}
             assert with_grad == set(trained.get(name, ["discriminator"])), (type(module).__name__, name)
+
+
+class ReseedEachBatch(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(batch_idx)
+
+
+@pytest.mark.parametrize("n_critic", [1, 2])
+def test_gan_steps_equal_a_hand_written_loop_that_reuses_its_fakes(n_critic):
+    """Two batches of varinf's GAN training step against the loop of the PyTorch DCGAN example:
+    draw the fakes once, step the discriminator on them detached, then (on a generator turn) the
+    generator through them. Same draws, same updates, to float precision."""
+    network = lambda i, o: MLP(i, o, hidden=(16,), normalization="batch")  # noqa: E731
+    sgd = lambda parameters: torch.optim.SGD(parameters, lr=0.1)  # noqa: E731
+    torch.manual_seed(0)
+    module = GANModule(data_shape=(2,), latent_dim=3, model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network, likelihood=GaussianLikelihood),
+                       discriminator=lambda i, o: MLP(i, o, hidden=(16,)), n_critic=n_critic, generator_optimizer=sgd, discriminator_optimizer=sgd)
+    model, discriminator = copy.deepcopy(module.model), copy.deepcopy(module.discriminator)
+    data = torch.randn(32, 2)
+    loader = DataLoader(TensorDataset(data, torch.zeros(32)), batch_size=16)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ReseedEachBatch()])
+    module.configure_callbacks = list
+    trainer.fit(module, train_dataloaders=loader)
+
+    generator_optimizer, discriminator_optimizer = sgd(model.parameters()), sgd(discriminator.parameters())
+    for batch_idx, x in enumerate(data.split(16)):
+        torch.manual_seed(batch_idx)
+        fake = model.generate(model.prior().sample((16,)))
+        discriminator_loss = module.loss.discriminator(discriminator(x).flatten(), discriminator(fake.detach()).flatten())
+        discriminator_optimizer.zero_grad()
+        discriminator_loss.backward()
+        discriminator_optimizer.step()
+        if (batch_idx + 1) % n_critic == 0:
+            generator_loss = module.loss.generator(discriminator(fake).flatten())
+            generator_optimizer.zero_grad()
+            generator_loss.backward()
+            generator_optimizer.step()
+    assert module.generator_steps == 2 // n_critic
+    for trained, reference in ((module.model, model), (module.discriminator, discriminator)):
+        for (name, parameter), expected in zip(trained.state_dict().items(), reference.state_dict().values()):
+            torch.testing.assert_close(parameter, expected, rtol=1e-6, atol=1e-7, msg=name)
+    assert module._drawn is None  # the generator's graph is not kept past the batch
 
 
 def test_batch_norm_in_a_gradient_penalised_critic_is_rejected_with_the_fix():

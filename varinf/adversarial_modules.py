@@ -38,8 +38,9 @@ class AdversarialModule(GenerativeModule):
 
     Subclasses build ``self.model`` (the generative side), ``self.discriminator`` and
     ``self.optimizer_factories`` (optimiser name -> (factory, networks it trains)), and implement
-    ``sides(x) -> (real, fake)`` and ``generator_phases(x)``. A phase is a pair (optimiser name,
-    loss thunk); ``per_batch_phases`` run on every batch, ``generator_phases`` every ``n_critic``.
+    ``sides(x) -> (real, fake)``. A phase is a pair (optimiser name, loss thunk);
+    ``per_batch_phases`` run on every batch, ``generator_phases`` every ``n_critic``. The sides are
+    drawn once per batch (:meth:`batch_sides`) and shared by the discriminator and generator phases.
 
     Args:
         loss: name of the adversarial loss (:data:`varinf.adversarial.ADVERSARIAL_LOSSES`).
@@ -54,6 +55,8 @@ class AdversarialModule(GenerativeModule):
 
     ddp_strategy = "ddp_find_unused_parameters_true"
     """Each phase trains some networks only, so under DDP the others get no gradient in it."""
+    generator_optimizer = "generator"
+    """The optimiser of the generator phase, whose networks draw the fake side."""
 
     def __init__(
         self,
@@ -77,6 +80,8 @@ class AdversarialModule(GenerativeModule):
         self.max_generator_steps = max_generator_steps
         self.generator_steps = 0
         self._batch_size, self._evaluation_stage = None, "val"
+        self._generator_turn = False
+        self._drawn: tuple[Tensor, bool, tuple[Tensor, Tensor]] | None = None  # (batch, with gradients, sides)
 
     def check_settings(self) -> None:
         """Reject, before training, batch normalisation in a gradient-penalised critic (the penalty
@@ -98,10 +103,26 @@ class AdversarialModule(GenerativeModule):
         """Discriminator logits (or critic values), one per sample."""
         return self.discriminator(side).reshape(side.shape[0])
 
+    def batch_sides(self, x: Tensor, with_gradients: bool) -> tuple[Tensor, Tensor]:
+        """The real and fake sides of the batch ``x``, drawn once per batch and shared: the
+        discriminator phase takes them detached, and on a generator turn (every ``n_critic``
+        batches) the generator phase backpropagates through the same draws, as a hand-written GAN
+        loop reuses its fakes. Drawn with gradients for the generator phase's networks on request
+        (by the discriminator phase on a generator turn), else without any."""
+        drawn = self._drawn
+        if drawn is None or drawn[0] is not x or (with_gradients and not drawn[1]):
+            if with_gradients:
+                with self.trainable(self.generator_optimizer):
+                    sides = self.sides(x)
+            else:
+                with torch.no_grad():
+                    sides = self.sides(x)
+            drawn = self._drawn = (x, with_gradients, sides)
+        return drawn[2]
+
     def discriminator_phase(self, x: Tensor) -> Tensor:
         """The discriminator's loss on the real side against detached fakes (plus its penalty)."""
-        with torch.no_grad():
-            real, fake = self.sides(x)
+        real, fake = (side.detach() for side in self.batch_sides(x, with_gradients=self._generator_turn))
         real_out, fake_out = self.discriminate(real), self.discriminate(fake)
         loss = self.loss.discriminator(real_out, fake_out)
         logged = {"D/loss": loss, **self.divergences(real_out.detach(), fake_out.detach())}
@@ -158,31 +179,33 @@ class AdversarialModule(GenerativeModule):
         return [("discriminator", lambda: self.discriminator_phase(x))]
 
     def generator_phase(self, x: Tensor) -> Tensor:
-        """The generator's loss on fresh fakes."""
-        _, fake = self.sides(x)
+        """The generator's loss on the batch's fakes."""
+        _, fake = self.batch_sides(x, with_gradients=True)
         loss = self.loss.generator(self.discriminate(fake))
         self._log({"G/loss": loss})
         return loss
 
     def generator_phases(self, x: Tensor) -> list:
         """The phases run every ``n_critic`` batches: the generator's."""
-        return [("generator", lambda: self.generator_phase(x))]
+        return [(self.generator_optimizer, lambda: self.generator_phase(x))]
 
     def training_step(self, batch, batch_idx):
         x, _ = batch
         self._batch_size = x.shape[0]
+        self._generator_turn = (batch_idx + 1) % self.n_critic == 0
         for name, phase in self.per_batch_phases(x):
             self.optimization_step(name, phase)
         if self.weight_clip is not None:
             with torch.no_grad():
                 for parameter in self.discriminator.parameters():
                     parameter.clamp_(-self.weight_clip, self.weight_clip)
-        if (batch_idx + 1) % self.n_critic == 0:
+        if self._generator_turn:
             for name, phase in self.generator_phases(x):
                 self.optimization_step(name, phase)
             self.generator_steps += 1
             if self.max_generator_steps is not None and self.generator_steps >= self.max_generator_steps:
                 self.trainer.should_stop = True
+        self._drawn = None  # frees the generator's graph
 
     def on_train_epoch_end(self):
         super().on_train_epoch_end()
@@ -279,6 +302,8 @@ class AAEModule(AdversarialModule):
     """
 
     checkpoint_monitor = "val/reconstruction"
+    generator_optimizer = "encoder"
+    """The encoder is the AAE's generator: its codes are made to look like prior samples."""
 
     def __init__(
         self,
@@ -323,9 +348,6 @@ class AAEModule(AdversarialModule):
         """Reconstruction, then the discriminator on z."""
         return [("autoencoder", lambda: self.reconstruction_phase(x)), ("discriminator", lambda: self.discriminator_phase(x))]
 
-    def generator_phases(self, x: Tensor) -> list:
-        """The encoder as generator: make its codes look like prior samples."""
-        return [("encoder", lambda: self.generator_phase(x))]
 
     def evaluation_step(self, batch, stage: str) -> None:
         super().evaluation_step(batch, stage)
@@ -388,7 +410,7 @@ class ALIModule(AdversarialModule):
 
     def generator_phase(self, x: Tensor) -> Tensor:
         """Encoder and generator together: the discriminator's loss with real and fake swapped."""
-        real, fake = self.sides(x)
+        real, fake = self.batch_sides(x, with_gradients=True)
         loss = self.loss.discriminator(self.discriminate(fake), self.discriminate(real))
         self._log({"G/loss": loss})
         return loss
