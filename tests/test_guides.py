@@ -181,17 +181,19 @@ def test_vamp_prior_is_the_mean_of_the_guides_posteriors_at_its_pseudo_inputs():
     assert not any(name.startswith("model.prior.") and "guide" in name for name in names)
 
 
-def vamp_fit(tmp_path, init: str, steps: int, ckpt_path: str | None = None) -> VAEModule:
+def vamp_fit(tmp_path, init: str, steps: int, ckpt_path: str | None = None, weights: dict | None = None) -> VAEModule:
     small = partial(MLP, hidden=(16,))
     module = VAEModule(latent_dim=3, guide=partial(GaussianEncoderGuide, encoder=small),
                        model=partial(LatentVariableModel, decoder=small, prior=partial(VampPrior, num_pseudo_inputs=5, init=init)))
+    if weights is not None:
+        module.load_state_dict(weights)
     trainer = pl.Trainer(max_steps=steps, limit_train_batches=steps, limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False,
                          logger=CSVLogger(tmp_path, name="vamp", version=0), default_root_dir=tmp_path)
     trainer.fit(module, MNISTDataModule(binarize="dynamic", batch_size=32), ckpt_path=ckpt_path, weights_only=False)  # hparams hold partials
     return module
 
 
-def test_vamp_pseudo_inputs_start_at_training_images_and_a_resumed_fit_keeps_the_checkpoints(tmp_path):
+def test_vamp_pseudo_inputs_start_at_training_images_and_loaded_ones_are_kept(tmp_path):
     data = MNISTDataModule(binarize="dynamic")
     data.setup("fit")
     images = data.splits["train"][0][torch.randperm(len(data.splits["train"][0]), generator=torch.Generator().manual_seed(0))[:5]]
@@ -205,6 +207,10 @@ def test_vamp_pseudo_inputs_start_at_training_images_and_a_resumed_fit_keeps_the
     resumed = vamp_fit(tmp_path, "data", steps=1, ckpt_path=str(checkpoint))  # already done: restores, trains nothing
     assert torch.equal(resumed.model.prior.raw_pseudo_inputs.detach(), saved)
     assert not torch.equal(saved, torch.logit(0.1 + 0.8 * images))
+    # fine-tuning loaded weights (a new fit, not a resume) starts from the loaded pseudo-inputs
+    weights = {key: torch.full_like(saved, 2.0) if key.endswith("prior.raw_pseudo_inputs") else value for key, value in fitted.state_dict().items()}
+    tuned = vamp_fit(tmp_path / "tuned", "data", steps=1, weights=weights)
+    torch.testing.assert_close(tuned.model.prior.raw_pseudo_inputs.detach(), torch.full_like(saved, 2.0), atol=1.1e-3, rtol=0)
 
 
 def test_vamp_data_initialisation_refuses_images_of_another_shape():

@@ -115,6 +115,8 @@ class VampPrior(nn.Module):
         generator = torch.Generator().manual_seed(0)
         self.raw_pseudo_inputs = nn.Parameter(0.1 * torch.randn(num_pseudo_inputs, *data_shape, generator=generator))
         self.init = init
+        self.initialised = False
+        """Set by :meth:`initialise_from_data` or by loading weights: loaded pseudo-inputs are kept."""
         self._guide: tuple[nn.Module, ...] = ()  # a plain tuple: the guide's parameters stay the guide's
 
     guide_needs = ("posterior", "log_prob")
@@ -124,8 +126,9 @@ class VampPrior(nn.Module):
 
     def initialise_from_data(self, images: Tensor) -> None:
         """With ``init: data``, start the pseudo-inputs at K of ``images`` (values in [0, 1]),
-        drawn with a fixed seed, so that every process of a distributed run draws the same."""
-        if self.init != "data":
+        drawn with a fixed seed, so that every process of a distributed run draws the same. Once
+        only: not after an earlier initialisation or over loaded weights (a fine-tuned model)."""
+        if self.init != "data" or self.initialised:
             return
         count, shape = self.raw_pseudo_inputs.shape[0], tuple(self.raw_pseudo_inputs.shape[1:])
         if tuple(images.shape[1:]) != shape or len(images) < count or images.min() < 0 or images.max() > 1:
@@ -136,6 +139,11 @@ class VampPrior(nn.Module):
         chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
         with torch.no_grad():
             self.raw_pseudo_inputs.copy_(torch.logit(0.1 + 0.8 * images[chosen.to(images.device)]))
+        self.initialised = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.initialised = True
 
     def pseudo_inputs(self) -> Tensor:
         return torch.sigmoid(self.raw_pseudo_inputs)
