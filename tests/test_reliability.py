@@ -42,8 +42,8 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_result(tmp_path, recipe):
     uninterrupted fit with the same seed (data order, binarisation and noise included)."""
     subprocess.run(fit_command(recipe, tmp_path / "whole"), check=True, capture_output=True)
     killed = subprocess.Popen(fit_command(recipe, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_epoch = tmp_path / "killed" / recipe / "version_0" / "images" / "samples_epoch_000.png"
-    while not first_epoch.exists():
+    first_checkpoint = tmp_path / "killed" / recipe / "version_0" / "checkpoints" / "last.ckpt"  # written atomically
+    while not first_checkpoint.exists():
         assert killed.poll() is None, "the fit ended before it could be killed"
         time.sleep(0.05)
     time.sleep(0.3)  # into the second epoch
