@@ -348,7 +348,6 @@ class AAEModule(AdversarialModule):
         """Reconstruction, then the discriminator on z."""
         return [("autoencoder", lambda: self.reconstruction_phase(x)), ("discriminator", lambda: self.discriminator_phase(x))]
 
-
     def evaluation_step(self, batch, stage: str) -> None:
         super().evaluation_step(batch, stage)
         self.reconstruction_phase(batch[0])

@@ -172,9 +172,9 @@ class GenerativeModule(pl.LightningModule):
             f"{name} at step {step}" + (f" (first bad: {self._watched_parts[name][index]})" if name in self._watched_parts else "")
             for step, name, index in bad
         ]
-        checks = [torch.isfinite(parameter).all() for parameter in self.parameters()]
-        finite = torch.stack(checks).tolist() if checks else []
-        bad_parameters = [name for (name, _), ok in zip(self.named_parameters(), finite) if not ok]
+        named = list(self.named_parameters())
+        finite = torch.stack([torch.isfinite(parameter).all() for _, parameter in named]).tolist() if named else []
+        bad_parameters = [name for (name, _), ok in zip(named, finite) if not ok]
         if bad_parameters:
             parts.append(f"the parameters {', '.join(bad_parameters[:5])}{' and others' if len(bad_parameters) > 5 else ''}")
         if parts:
