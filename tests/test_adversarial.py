@@ -81,6 +81,35 @@ def test_gradient_penalty_of_a_linear_critic_is_closed_form_and_fp32_under_autoc
     assert penalty.dtype == torch.float32 and penalty.item() == pytest.approx(16.0)
 
 
+def test_maxout_mlp_is_the_max_over_pieces_of_linear_units():
+    """Goodfellow et al. (2013): h_j = max_k (W_jk x + b_jk), then the output layer on h."""
+    torch.manual_seed(0)
+    network = MLP((6,), (2,), hidden=(4, 3), activation="maxout", pieces=5, input_dropout=0.2, dropout=0.5).eval()
+    first, second, output = [layer for layer in network.layers if isinstance(layer, torch.nn.Linear)]
+    assert (first.out_features, second.out_features, output.out_features) == (20, 15, 2)
+    x = torch.randn(7, 6)
+    hidden = (x @ first.weight.T + first.bias).reshape(7, 4, 5).max(-1).values
+    hidden = (hidden @ second.weight.T + second.bias).reshape(7, 3, 5).max(-1).values
+    torch.testing.assert_close(network(x), hidden @ output.weight.T + output.bias)
+    network.train()  # dropout on the inputs and hidden units: a different function
+    assert not torch.allclose(network(x), network.eval()(x))
+    with pytest.raises(ConfigError, match="pieces"):
+        MLP((6,), (2,), activation="maxout", pieces=0)
+
+
+def test_spectral_norm_mlp_has_unit_largest_singular_values():
+    """Miyato et al. (2018): W / sigma_max(W), sigma_max by power iteration, which converges over steps."""
+    torch.manual_seed(0)
+    network = MLP((6,), (2,), hidden=(16, 8), spectral_norm=True)
+    for _ in range(50):  # each training-mode forward runs one power iteration
+        network(torch.randn(4, 6))
+    linears = [layer for layer in network.layers if isinstance(layer, torch.nn.Linear)]
+    assert len(linears) == 3
+    for layer in linears:
+        assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, abs=1e-3)
+    assert torch.linalg.matrix_norm(layer.parametrizations.weight.original.detach(), ord=2).item() != pytest.approx(1.0, abs=0.05)
+
+
 def train_discriminator(loss, real_sampler, fake_sampler, steps=2000, penalty_weight=0.0, betas=(0.9, 0.999)):
     torch.manual_seed(0)
     network = MLP((1,), (1,), hidden=(64, 64), activation="leaky_relu")

@@ -88,6 +88,16 @@ def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):
     assert logged["val/negative_elbo"] < 784 * math.log(2)  # better than a coin-flip model
 
 
+def test_last_checkpoint_is_the_latest_epoch_when_the_monitored_metric_stops_improving(tmp_path, monkeypatch):
+    """Lightning's save_last refreshes last.ckpt only with a new best; resuming must not lose epochs."""
+    monkeypatch.setattr(VAEModule, "checkpoint_monitor", "epoch")  # lower is better: epoch 0 stays the best
+    cli = run_fit(tmp_path, "--trainer.max_epochs=3")
+    folder = Path(cli.trainer.log_dir) / "checkpoints"
+    assert sorted(path.name for path in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    epochs = {name: torch.load(folder / name, map_location="cpu", weights_only=False)["epoch"] for name in ("best.ckpt", "last.ckpt")}
+    assert epochs == {"best.ckpt": 0, "last.ckpt": 2}
+
+
 def test_checkpoint_round_trip_gives_identical_elbo_and_samples(tmp_path):
     cli = run_fit(tmp_path)
     trained = cli.model.eval()

@@ -62,8 +62,8 @@ class GenerativeModule(pl.LightningModule):
     :class:`~varinf.models.LatentVariableModel`), optionally a guide ``self.guide``, sampling and
     reconstructing, and the default callbacks.
 
-    Subclasses set ``checkpoint_monitor``, the validation metric (lower is better) that picks
-    ``best.ckpt``; without one, the latest epoch is kept beside ``last.ckpt``.
+    Every epoch rewrites ``last.ckpt``; subclasses may set ``checkpoint_monitor``, the validation
+    metric (lower is better) that picks ``best.ckpt``.
     """
 
     checkpoint_monitor: str | None = None
@@ -80,11 +80,13 @@ class GenerativeModule(pl.LightningModule):
         self._log_this_step = False
 
     def configure_callbacks(self):
-        if self.checkpoint_monitor:
-            checkpoint = ModelCheckpoint(monitor=self.checkpoint_monitor, mode="min", filename="best", save_last=True)
-        else:
-            checkpoint = ModelCheckpoint(filename="epoch_{epoch:03d}", auto_insert_metric_name=False, save_last=True)
-        return [checkpoint, ImageGrids()]
+        # last.ckpt is its own checkpoint, rewritten every epoch: Lightning's save_last only
+        # refreshes it when a top-k checkpoint is saved, i.e. when the monitored metric improves.
+        latest = ModelCheckpoint(filename="last", enable_version_counter=False)
+        if not self.checkpoint_monitor:
+            return [latest, ImageGrids()]
+        best = ModelCheckpoint(monitor=self.checkpoint_monitor, mode="min", filename="best", enable_version_counter=False)
+        return [best, latest, ImageGrids()]  # the first is Lightning's checkpoint_callback: ckpt_path="best"
 
     def setup(self, stage: str) -> None:
         """Before a fit, a prior that starts from data (a VampPrior's pseudo-inputs) takes its
@@ -218,8 +220,8 @@ class GenerativeModule(pl.LightningModule):
         print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)
 
     def _stopped_hint(self) -> str:
-        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
-        last = callback.last_model_path if callback is not None else ""
+        callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
+        last = next((callback.best_model_path for callback in callbacks if Path(callback.best_model_path).name == "last.ckpt"), "")
         where = f"The last good checkpoint is {last}" if last else "No checkpoint was written yet"
         return (
             f"Training stopped without a further step or checkpoint. {where}; resume from it with --resume "

@@ -18,7 +18,18 @@ Shape = Sequence[int]
 NetworkFactory = Callable[[Shape, Shape], nn.Module]
 """Builds a network from ``(in_shape, out_shape)``; in a recipe, a class path with ``init_args``."""
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus}
+class Maxout(nn.Module):
+    """``h_j = max_k a_{jk}`` over ``pieces`` consecutive linear outputs per unit (Goodfellow et al. 2013)."""
+
+    def __init__(self, pieces: int):
+        super().__init__()
+        self.pieces = pieces
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (-1, self.pieces)).amax(-1)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus, "maxout": Maxout}
 
 
 class MLP(nn.Module):
@@ -28,11 +39,17 @@ class MLP(nn.Module):
         in_shape: shape of one input, e.g. ``(1, 28, 28)`` or ``(50,)``.
         out_shape: shape of one output.
         hidden: widths of the hidden layers.
-        activation: name of the nonlinearity between layers.
+        activation: name of the nonlinearity between layers; ``"maxout"`` makes each hidden unit
+            the maximum of ``pieces`` linear units (the GAN paper's discriminator).
+        pieces: linear pieces per maxout unit.
         normalization: ``"batch"`` adds batch normalisation before each hidden activation (a
             common choice for MLP generators; not for a gradient-penalised critic).
         dropout: dropout probability after each hidden activation (a common regulariser of
             discriminators; Goodfellow et al. 2014).
+        input_dropout: dropout probability on the inputs.
+        spectral_norm: divide each weight matrix by its largest singular value, estimated by one
+            power iteration per step (Miyato et al. 2018): a discriminator that cannot sharpen
+            without bound.
     """
 
     def __init__(
@@ -40,28 +57,42 @@ class MLP(nn.Module):
         in_shape: Shape,
         out_shape: Shape,
         hidden: Sequence[int] = (500, 500),
-        activation: Literal["relu", "tanh", "elu", "leaky_relu", "softplus"] = "relu",
+        activation: Literal["relu", "tanh", "elu", "leaky_relu", "softplus", "maxout"] = "relu",
+        pieces: int = 5,
         normalization: Literal["batch", "none"] = "none",
         dropout: float = 0.0,
+        input_dropout: float = 0.0,
+        spectral_norm: bool = False,
     ):
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        if not (isinstance(pieces, int) and pieces >= 1):
+            raise ConfigError(f"pieces must be a positive integer, got {pieces!r}.")
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         widths = [math.prod(self.in_shape), *hidden, math.prod(self.out_shape)]
-        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
-        for width_in, width_out in zip(widths[1:-1], widths[2:]):
+        expand = pieces if activation == "maxout" else 1  # linear units feeding each hidden unit
+        make_activation = (lambda: Maxout(pieces)) if activation == "maxout" else ACTIVATIONS[activation]
+        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        layers.append(nn.Linear(widths[0], widths[1] * expand if len(widths) > 2 else widths[1]))
+        for position, (width_in, width_out) in enumerate(zip(widths[1:-1], widths[2:])):
             if normalization != "none":
-                layers.append(_normalization(normalization, width_in, 1))
-            layers.append(ACTIVATIONS[activation]())
+                layers.append(_normalization(normalization, width_in * expand, 1))
+            layers.append(make_activation())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
-            layers.append(nn.Linear(width_in, width_out))
+            last = position == len(widths) - 3
+            layers.append(nn.Linear(width_in, width_out if last else width_out * expand))
+        if spectral_norm:
+            layers = [nn.utils.parametrizations.spectral_norm(layer) if isinstance(layer, nn.Linear) else layer for layer in layers]
         self.layers = nn.Sequential(*layers)
+        self.in_features = widths[0]
 
     def forward(self, x: Tensor) -> Tensor:
         batch_shape = x.shape[: x.dim() - len(self.in_shape)]
         if tuple(x.shape[len(batch_shape) :]) != self.in_shape:
             raise DataError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
-        return self.layers(x.reshape(-1, self.layers[0].in_features)).reshape(*batch_shape, *self.out_shape)
+        return self.layers(x.reshape(-1, self.in_features)).reshape(*batch_shape, *self.out_shape)
 
 
 def _normalization(kind: str, channels: int, dims: int) -> nn.Module:
