@@ -13,7 +13,8 @@ same run, after warm-up:
 * plain PyTorch: the same networks and estimator in a hand-written loop, written as well as
   PyTorch allows (no Python per image, ``zero_grad(set_to_none=True)``, the same Adam);
 * the Lightning floor (VAE only): the plain step as the ``training_step`` of a bare
-  LightningModule, which shows what Lightning's loop alone costs;
+  LightningModule stepping its optimiser itself (as varinf's modules do), which shows what
+  Lightning's loop alone costs;
 * Pyro SVI (VAE only): ``SVI(model, guide, Adam, Trace_ELBO).step`` as in Pyro's VAE example
   (``pyro.optim.Adam``, not fused; a Bernoulli on sigmoid probabilities; a Monte-Carlo KL).
 
@@ -168,15 +169,22 @@ def plain_gan_step(generator, discriminator, generator_optimizer, discriminator_
 
 
 class LightningFloor(pl.LightningModule):
-    """The plain step inside a bare LightningModule: what Lightning's loop alone costs."""
+    """The plain step inside a bare LightningModule that steps its optimiser itself, as varinf's
+    modules do (manual optimisation): what Lightning's loop alone costs."""
 
     def __init__(self):
         super().__init__()
         self.encoder, self.decoder = vae_networks()
         self.loss = plain_vae_loss(self.encoder, self.decoder)
+        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        return self.loss(batch[0])
+        optimizer = self.optimizers()
+        loss = self.loss(batch[0])
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
 
     def configure_optimizers(self):
         return vae_adam(self.parameters())

@@ -64,6 +64,52 @@ def test_kl_warmup_ramps_linearly_to_beta():
     assert weights == pytest.approx([2.0 * 1 / 20, 2.0 * 10 / 20, 2.0, 2.0])
 
 
+@pytest.mark.parametrize("grad_clip", [None, 0.5])
+def test_vae_steps_equal_a_hand_written_adam_loop(grad_clip):
+    """Three batches of VAEModule training through a Trainer against zero_grad, backward, clip
+    (torch's clip_grad_norm_), Adam step on a copy of the module, with the same draws."""
+    import copy
+
+    import pytorch_lightning as pl
+    from pytorch_lightning import Callback
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class ReseedEachBatch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            torch.manual_seed(batch_idx)
+
+    module = small_vae()
+    module.grad_clip = grad_clip
+    reference = copy.deepcopy(module)
+    data = torch.bernoulli(torch.full((48, 1, 28, 28), 0.3))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ReseedEachBatch()])
+    module.configure_callbacks = list
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(data, torch.zeros(48)), batch_size=16))
+
+    optimizer = reference.configure_optimizers()
+    for batch_idx, x in enumerate(data.split(16)):
+        torch.manual_seed(batch_idx)
+        loss = reference.objective(x)
+        optimizer.zero_grad()
+        loss.backward()
+        if grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), grad_clip)
+            assert norm > grad_clip  # the clip is active
+        optimizer.step()
+    assert trainer.global_step == 3
+    for (name, parameter), expected in zip(module.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(parameter, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lightning_gradient_clipping_is_refused_naming_the_module_setting(tmp_path):
+    with pytest.raises(SystemExit) as error:
+        main(["fit", "--config", str(RECIPE), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.gradient_clip_val=1.0"])
+    assert "gradient_clip_val=1.0 does not apply" in str(error.value.code) and "--model.init_args.grad_clip=1.0" in str(error.value.code)
+    with pytest.raises(ConfigError, match="grad_clip must be a positive"):
+        VAEModule(grad_clip=0)
+
+
 def test_invalid_module_settings_are_rejected():
     with pytest.raises(ValueError, match="beta > 0"):
         VAEModule(beta=0)

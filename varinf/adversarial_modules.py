@@ -73,7 +73,6 @@ class AdversarialModule(GenerativeModule):
             raise ConfigError(f"Unknown adversarial loss {loss!r}; choose one of {sorted(ADVERSARIAL_LOSSES)}.")
         if n_critic < 1:
             raise ConfigError(f"n_critic must be at least 1, got {n_critic}.")
-        self.automatic_optimization = False
         self.loss = ADVERSARIAL_LOSSES[loss]
         self.n_critic, self.gradient_penalty_weight, self.weight_clip = n_critic, gradient_penalty_weight, weight_clip
         self.grad_clip, self.scheduler_factory = dict(grad_clip or {}), scheduler
@@ -168,11 +167,7 @@ class AdversarialModule(GenerativeModule):
         with self.trainable(name):
             loss = phase()
             self.watch_finite(f"the {name} loss", loss)
-            optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
-            if name in self.grad_clip:
-                self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip[name], gradient_clip_algorithm="norm")
-            optimizer.step()
+            self.optimizer_update(optimizer, loss, self.grad_clip.get(name))
 
     def per_batch_phases(self, x: Tensor) -> list:
         """The phases run on every batch, as ``(optimiser name, loss thunk)``: the discriminator's."""
@@ -206,12 +201,6 @@ class AdversarialModule(GenerativeModule):
             if self.max_generator_steps is not None and self.generator_steps >= self.max_generator_steps:
                 self.trainer.should_stop = True
         self._drawn = None  # frees the generator's graph
-
-    def on_train_epoch_end(self):
-        super().on_train_epoch_end()
-        schedulers = self.lr_schedulers() or []
-        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-            scheduler.step()
 
     def evaluation_step(self, batch, stage: str) -> None:
         x, _ = batch

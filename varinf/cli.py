@@ -106,6 +106,23 @@ class VarinfCLI(LightningCLI):
         self.trainer.callbacks.append(RecordImportPaths(self.import_paths))
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def before_fit(self) -> None:
+        """varinf's modules step their optimisers themselves, so Lightning's automatic gradient
+        clipping and accumulation do not apply: refuse them, naming what to use instead."""
+        if self.model.automatic_optimization:
+            return
+        if self.trainer.gradient_clip_val:
+            raise ConfigError(
+                f"trainer.gradient_clip_val={self.trainer.gradient_clip_val} does not apply to {type(self.model).__name__}, which steps its optimisers "
+                "itself. Clip with the model's grad_clip instead: `--model.init_args.grad_clip=1.0` for a VAE, "
+                "`grad_clip: {discriminator: 1.0}` (per optimiser) for the adversarial modules."
+            )
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} is not supported by {type(self.model).__name__}, "
+                "which steps its optimisers itself; raise the data's batch_size instead."
+            )
+
     def after_fit(self) -> None:
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")

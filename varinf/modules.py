@@ -63,7 +63,9 @@ class GenerativeModule(pl.LightningModule):
     reconstructing, and the default callbacks.
 
     Every epoch rewrites ``last.ckpt``; subclasses may set ``checkpoint_monitor``, the validation
-    metric (lower is better) that picks ``best.ckpt``.
+    metric (lower is better) that picks ``best.ckpt``. Subclasses step their optimisers in
+    ``training_step`` with :meth:`optimizer_update` (Lightning's manual optimisation); learning-rate
+    schedulers advance once per epoch.
     """
 
     checkpoint_monitor: str | None = None
@@ -78,6 +80,7 @@ class GenerativeModule(pl.LightningModule):
         self._first_non_finite: dict[str, Tensor] = {}
         self._watched_parts: dict[str, list[str]] = {}
         self._log_this_step = False
+        self.automatic_optimization = False
 
     def configure_callbacks(self):
         # last.ckpt is its own checkpoint, rewritten every epoch: Lightning's save_last only
@@ -196,6 +199,9 @@ class GenerativeModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.raise_if_not_finite()
         self.log_epoch_metrics("train")
+        schedulers = self.lr_schedulers() or []  # learning-rate schedules advance once per epoch
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
         self.print_epoch_summary()
 
     def on_validation_epoch_end(self) -> None:
@@ -218,6 +224,17 @@ class GenerativeModule(pl.LightningModule):
         shown = " | ".join(f"{stage}: {', '.join(values)}" for stage, values in by_stage.items())
         elapsed = time.perf_counter() - self._epoch_started
         print(f"epoch {self.current_epoch + 1}/{self.trainer.max_epochs} ({elapsed:.1f} s) | {shown}", flush=True)
+
+    def optimizer_update(self, optimizer, loss: Tensor, max_grad_norm: float | None = None) -> None:
+        """One optimiser update: zero the gradients, backpropagate ``loss`` (through Lightning, so
+        mixed precision and DDP apply), clip the gradient norm to ``max_grad_norm`` if given, step.
+        Manual optimisation gives one code path for one optimiser or several, and costs less per
+        step than Lightning's automatic optimisation (its closure and hooks)."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
 
     def _stopped_hint(self) -> str:
         callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
@@ -281,6 +298,7 @@ class VAEModule(GenerativeModule):
             (Bowman et al. 2016; Sonderby et al. 2016); 0 disables warm-up.
         optimizer: builds the torch optimiser from the parameters.
         scheduler: builds a learning-rate scheduler from the optimiser, stepped once per epoch.
+        grad_clip: maximum gradient norm (clipping before each optimiser step); None disables it.
     """
 
     checkpoint_monitor = "val/negative_elbo"
@@ -299,8 +317,11 @@ class VAEModule(GenerativeModule):
         kl_warmup_epochs: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float | None = None,
     ):
         super().__init__()
+        if grad_clip is not None and not grad_clip > 0:
+            raise ConfigError(f"grad_clip must be a positive gradient norm (or null), got {grad_clip!r}.")
         if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1 or objective not in OBJECTIVES:
             raise ConfigError(
                 f"VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1, latent_dim >= 1 and objective in {sorted(OBJECTIVES)}; "
@@ -315,7 +336,7 @@ class VAEModule(GenerativeModule):
             self.objective = ELBOLoss(self.model, self.guide, kl=kl, num_particles=num_particles)
         self.beta, self.kl_warmup_epochs = beta, kl_warmup_epochs
         check_optimizer(optimizer, "optimizer")
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.optimizer_factory, self.scheduler_factory, self.grad_clip = optimizer, scheduler, grad_clip
 
     def setup(self, stage: str) -> None:
         """Refuse a Bernoulli likelihood on data that is not binary (grey levels without a declared
@@ -357,7 +378,9 @@ class VAEModule(GenerativeModule):
         return terms.loss
 
     def training_step(self, batch, batch_idx):
-        return self.step(batch, "train")
+        loss = self.step(batch, "train")
+        self.optimizer_update(self.optimizers(), loss, self.grad_clip)
+        return loss
 
     def validation_step(self, batch, batch_idx):
         self.step(batch, "val")
@@ -369,7 +392,7 @@ class VAEModule(GenerativeModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return [optimizer], [self.scheduler_factory(optimizer)]
 
 
 def check_optimizer(factory: OptimizerCallable, name: str) -> None:
