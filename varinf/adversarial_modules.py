@@ -290,7 +290,8 @@ class AAEModule(AdversarialModule):
         Others: see :class:`AdversarialModule`.
     """
 
-    checkpoint_monitor = "val/reconstruction"
+    # No checkpoint_monitor: like the GAN, the AAE is judged by its samples, so its last epoch is
+    # what is evaluated (its best reconstruction comes many epochs before q(z) matches p(z)).
     generator_optimizer = "encoder"
     """The encoder is the AAE's generator: its codes are made to look like prior samples."""
 
