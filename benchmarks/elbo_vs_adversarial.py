@@ -17,7 +17,7 @@ Writes benchmarks/results/elbo_vs_adversarial.{json,md} (``--budget quick`` writ
 ``elbo_vs_adversarial_quick.*``): mean +- std over seeds, wall time per epoch, machine and
 versions; and PNGs: a sample grid per model, metric bars, and divergence read-out curves.
 ``--budget paper`` trains the papers' setups long enough to hold them against published numbers
-(THEORY.md section 4): the AAE paper's MLP AAE and the GAN for Parzen (340 and 225 nats), the IWAE
+(THEORY.md section 4): the AAE paper's MLP AAE and a GAN for Parzen (340 and 225 nats), the IWAE
 paper's 784-200-200-50 VAE for the NLL with k=5000 (86.76 nats after 3280 epochs).
 MNIST comes from $VARINF_DATA_DIR (default ../shared/data/mnist); nothing is downloaded.
 """
@@ -66,8 +66,8 @@ MODELS = {  # name: (recipe, training epochs under the full budget); add a row t
     "ali": ("ali_mnist", 8),
 }
 PAPER_PROTOCOLS = {  # name: (recipe, training epochs); one seed
-    "aae_paper": ("aae_mnist", 100),
-    "gan_paper": ("gan_mnist", 100),
+    "aae_paper": ("aae_paper_mnist", 100),  # the AAE paper's deterministic encoder and 2 x 1000 MLPs
+    "gan_paper": ("gan_sn_mnist", 100),  # a non-saturating GAN; its discriminator spectrally normalised
     "vae_iwae_paper": ("vae_iwae_paper_mnist", 121),  # the first 4 of the paper's 7 learning-rate stages
 }
 PUBLISHED = {  # THEORY.md section 4
@@ -99,9 +99,9 @@ HEADLINE = {  # metric: (value key, lower is better)
 COLUMNS = ["nll", "parzen", "fid", "kid", "precision", "recall", "classes_covered", "kl_to_uniform", "kl_data_model", "kl_model_data", "js"]
 
 
-def fit(model: str, seed: int, budget: dict, runs: Path) -> tuple[Path, float, int, int]:
+def fit(model: str, seed: int, budget: dict, runs: Path) -> tuple[Path, float, int]:
     """Fit one model from its recipe, resuming from the run's last checkpoint if a fit was cut
-    short; returns its run folder, the wall seconds and epochs of this fit, and the epochs in all."""
+    short; returns its run folder, the wall seconds of this fit and the epochs in all."""
     recipe, epochs = budget["models"][model]
     name = f"{model}_seed{seed}"
     run = runs / name / "version_0"
@@ -114,12 +114,16 @@ def fit(model: str, seed: int, budget: dict, runs: Path) -> tuple[Path, float, i
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
         "--trainer.logger.init_args.version=0", *budget["fit"], *(["--resume=true"] if resume else []),
     ]
-    done_before = len(list((run / "images").glob("samples_epoch_*.png")))
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ})
-    seconds = time.perf_counter() - started
-    trained = len(list((run / "images").glob("samples_epoch_*.png")))
-    return run, seconds, trained - done_before, trained
+    return run, time.perf_counter() - started, len(list((run / "images").glob("samples_epoch_*.png")))
+
+
+def seconds_per_epoch(run: Path) -> float:
+    """Median wall time between consecutive epochs' sample grids: per epoch of training and
+    validation, and unaffected by the pause of a fit cut short and resumed later."""
+    times = sorted(path.stat().st_mtime for path in (run / "images").glob("samples_epoch_*.png"))
+    return statistics.median(later - earlier for earlier, later in zip(times, times[1:])) if len(times) > 1 else math.nan
 
 
 def checkpoint_of(run: Path) -> Path:
@@ -244,11 +248,11 @@ def task_result(model: str, seed: int, budget_name: str) -> Path:
 
 def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
     """Fit and evaluate one (model, seed); write its values, the commit and the timing beside its run."""
-    run, seconds, epochs_now, epochs = fit(model, seed, budget, runs_dir(budget_name))
+    run, seconds, epochs = fit(model, seed, budget, runs_dir(budget_name))
     started = time.perf_counter()
     evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
     values = flatten(run_metrics(evaluation, supported_metrics(evaluation)))
-    values.update(epochs=epochs, seconds_per_epoch=seconds / max(epochs_now, 1))
+    values.update(epochs=epochs, seconds_per_epoch=seconds_per_epoch(run))
     if seed == budget["seeds"][0]:
         save_samples(evaluation.samples[:100], run / "samples_100.png")
     result = {"values": values, "commit": git_commit(), "threads": torch.get_num_threads(),

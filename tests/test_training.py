@@ -254,7 +254,7 @@ def test_epoch_means_are_batch_weighted_means_of_each_name_whenever_it_was_updat
     assert float(means["G/loss"]) == pytest.approx(weighted(2, third), rel=1e-6)
 
 
-@pytest.mark.parametrize("recipe", ["gan_mnist", "wgan_gp_mnist", "dcgan_mnist", "aae_mnist", "ali_mnist", "gan_ring", "wgan_gp_ring"])
+@pytest.mark.parametrize("recipe", ["gan_mnist", "gan_sn_mnist", "wgan_gp_mnist", "dcgan_mnist", "aae_mnist", "aae_paper_mnist", "ali_mnist", "gan_ring", "wgan_gp_ring"])
 def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp_path, recipe):
     batches = 10
     cli = fit([
