@@ -112,7 +112,7 @@ def fit(model: str, seed: int, budget: dict, runs: Path) -> tuple[Path, float, i
         str(Path(sys.executable).parent / "varinf"), "fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml"),
         f"--seed_everything={seed}", f"--trainer.max_epochs={epochs}",
         f"--trainer.logger.init_args.save_dir={runs}", f"--trainer.logger.init_args.name={name}",
-        "--trainer.logger.init_args.version=0", *budget["fit"], *(["--resume=true"] if resume else []),
+        "--trainer.logger.init_args.version=0", *budget["fit"], *(["--resume"] if resume else []),
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={"VARINF_DATA_DIR": str(ROOT.parent / "shared" / "data" / "mnist"), **os.environ})
