@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -108,6 +109,26 @@ def test_lightning_gradient_clipping_is_refused_naming_the_module_setting(tmp_pa
     assert "gradient_clip_val=1.0 does not apply" in str(error.value.code) and "--model.init_args.grad_clip=1.0" in str(error.value.code)
     with pytest.raises(ConfigError, match="grad_clip must be a positive"):
         VAEModule(grad_clip=0)
+
+
+def test_the_nvml_cuda_check_is_skipped_only_where_nvml_cannot_load(monkeypatch):
+    import ctypes
+
+    from varinf.modules import skip_a_failing_nvml_check
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        loadable = True
+    except OSError:
+        loadable = False
+    answer = torch.cuda.is_available()
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    skip_a_failing_nvml_check()
+    assert (os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1") == loadable
+    assert torch.cuda.is_available() == answer
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")  # a user's choice is left alone
+    skip_a_failing_nvml_check()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
 
 
 def test_invalid_module_settings_are_rejected():

@@ -1,6 +1,8 @@
 """LightningModules that train varinf models, and loading them back from checkpoints."""
 
+import ctypes
 import importlib
+import os
 import pickle
 import random
 import sys
@@ -33,6 +35,22 @@ from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 RNG_STATES_KEY = "varinf_rng_states"
+
+
+def skip_a_failing_nvml_check() -> None:
+    """Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (a CUDA availability check through NVML,
+    which does not poison forked processes). Where NVML cannot be loaded (no NVIDIA driver) torch
+    then tries to load it afresh at every check, i.e. every optimiser step (~0.2 ms), before
+    falling back to its default check. There, ask the default check directly: the same answer."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+
+
+skip_a_failing_nvml_check()
 
 
 def random_states() -> dict:
