@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from pytorch_lightning import Callback
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,6 +20,14 @@ def last_logged(run: Path) -> dict[str, float]:
         for row in csv.DictReader(file):
             logged.update({name: float(value) for name, value in row.items() if value})
     return logged
+
+
+class ReseedEachBatch(Callback):
+    """Seeds torch with the batch index before each training batch, so a hand-written loop can
+    make the same draws."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(batch_idx)
 MNIST_DIR = Path(os.environ.get("VARINF_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "mnist"))
 
 

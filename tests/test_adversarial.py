@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning import Callback
+from conftest import ReseedEachBatch
 from scipy import integrate
 from scipy.stats import norm
 from torch.utils.data import DataLoader, TensorDataset
@@ -199,11 +199,6 @@ def test_gan_and_ali_phases_train_exactly_their_networks():
                 phase().backward()
             with_grad = {child for child, m in module.named_children() if any(p.grad is not None for p in m.parameters())}
             assert with_grad == set(trained.get(name, ["discriminator"])), (type(module).__name__, name)
-
-
-class ReseedEachBatch(Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        torch.manual_seed(batch_idx)
 
 
 @pytest.mark.parametrize("n_critic", [1, 2])

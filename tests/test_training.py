@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, last_logged
+from conftest import REPO, ReseedEachBatch, last_logged
 
 from varinf import MLP, ConfigError, GaussianEncoderGuide, GaussianLikelihood, LatentVariableModel, VAEModule, load_module
 from varinf.cli import fit, main
@@ -72,12 +72,7 @@ def test_vae_steps_equal_a_hand_written_adam_loop(grad_clip):
     import copy
 
     import pytorch_lightning as pl
-    from pytorch_lightning import Callback
     from torch.utils.data import DataLoader, TensorDataset
-
-    class ReseedEachBatch(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            torch.manual_seed(batch_idx)
 
     module = small_vae()
     module.grad_clip = grad_clip

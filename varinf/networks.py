@@ -29,7 +29,8 @@ class Maxout(nn.Module):
         return x.unflatten(-1, (-1, self.pieces)).amax(-1)
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus, "maxout": Maxout}
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "softplus": nn.Softplus}
+"""Nonlinearities by name; ``"maxout"`` (:class:`Maxout`) is the other choice of :class:`MLP`."""
 
 
 class MLP(nn.Module):
@@ -65,24 +66,23 @@ class MLP(nn.Module):
         spectral_norm: bool = False,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
+        if activation not in {*ACTIVATIONS, "maxout"}:
+            raise ConfigError(f"activation must be one of {sorted({*ACTIVATIONS, 'maxout'})}, got {activation!r}.")
         if not (isinstance(pieces, int) and pieces >= 1):
             raise ConfigError(f"pieces must be a positive integer, got {pieces!r}.")
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         widths = [math.prod(self.in_shape), *hidden, math.prod(self.out_shape)]
         expand = pieces if activation == "maxout" else 1  # linear units feeding each hidden unit
-        make_activation = (lambda: Maxout(pieces)) if activation == "maxout" else ACTIVATIONS[activation]
+        linear_widths = [width * expand for width in hidden] + [widths[-1]]
         layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
-        layers.append(nn.Linear(widths[0], widths[1] * expand if len(widths) > 2 else widths[1]))
-        for position, (width_in, width_out) in enumerate(zip(widths[1:-1], widths[2:])):
-            if normalization != "none":
-                layers.append(_normalization(normalization, width_in * expand, 1))
-            layers.append(make_activation())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            last = position == len(widths) - 3
-            layers.append(nn.Linear(width_in, width_out if last else width_out * expand))
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], linear_widths)):
+            if index > 0:  # the hidden units between two linear maps
+                if normalization != "none":
+                    layers.append(_normalization(normalization, width_in * expand, 1))
+                layers.append(Maxout(pieces) if activation == "maxout" else ACTIVATIONS[activation]())
+                if dropout > 0:
+                    layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(width_in, width_out))
         if spectral_norm:
             layers = [nn.utils.parametrizations.spectral_norm(layer) if isinstance(layer, nn.Linear) else layer for layer in layers]
         self.layers = nn.Sequential(*layers)
