@@ -103,6 +103,16 @@ def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, step,
     load_module(str(checkpoint))  # whole and loadable
 
 
+def test_a_nan_in_a_gan_names_each_phase_loss_at_its_first_bad_step(tmp_path):
+    """Each optimiser step counts: the generator poisoned at step 6 spoils the discriminator's loss of
+    that batch (step 6) and then the generator's own (step 7)."""
+    poison = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 6}}])
+    with pytest.raises(NumericalError) as error:
+        fit(["fit", "--config", str(REPO / "recipes" / "gan_mnist.yaml"), "--trainer.max_epochs=2", "--trainer.limit_train_batches=5",
+             *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks={poison}"])
+    assert "the discriminator loss at step 6; the generator loss at step 7; the parameters model.decoder" in str(error.value)
+
+
 def test_the_same_recipe_and_seed_give_identical_results(tmp_path):
     results = []
     for run in ("first", "second"):

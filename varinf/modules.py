@@ -168,32 +168,36 @@ class GenerativeModule(pl.LightningModule):
                 metric.reset()
 
     def watch_finite(self, name: str, values: Tensor, parts: Sequence[str] | None = None) -> None:
-        """Remember, on the device, the first step at which ``values`` (named ``name``; entry i is
-        ``parts[i]`` if given) held a NaN or inf, and its first bad entry. No host sync:
+        """Remember, on the device, the first step at which each entry of ``values`` (named ``name``;
+        entry i is ``parts[i]`` if given) held a NaN or inf: one ``where`` per step, no host sync.
         :meth:`raise_if_not_finite` reports it."""
-        bad = ~torch.isfinite(values.detach().reshape(-1))
+        values = values.detach().reshape(-1)
         seen = self._first_non_finite.get(name)
         if seen is None:
-            seen = torch.full((2,), -1, dtype=torch.long, device=values.device)
-        first = torch.stack([torch.full_like(seen[0], self.global_step), bad.long().argmax()])
-        self._first_non_finite[name] = torch.where(bad.any() & (seen[0] < 0), first, seen)
+            seen = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+        self._first_non_finite[name] = torch.where(torch.isfinite(values) | (seen >= 0), seen, self.global_step)
         if parts is not None:
             self._watched_parts[name] = list(parts)
 
     def raise_if_not_finite(self) -> None:
         """Stop training if any watched loss went NaN or inf, or any parameter holds one: called
         every ``log_every_n_steps`` batches, at each epoch's end and before every checkpoint, so no
-        checkpoint holds a NaN. The error names each bad loss with its first bad step, the bad
-        parameters, and the last good checkpoint.
+        checkpoint holds a NaN. The error names each bad loss with its first bad step (and, of a
+        loss watched in parts, the first part that went bad), the bad parameters, and the last good
+        checkpoint.
 
         Gradients are not watched per step: an optimiser step with a NaN or inf gradient leaves a
         NaN parameter (Adam's and SGD's updates, and norm clipping, all propagate it), which the
         next loss and this check both see. Under ``16-mixed`` the loss scaler skips such steps."""
-        seen = {name: value.tolist() for name, value in self._first_non_finite.items()}
-        bad = sorted((step, name, index) for name, (step, index) in seen.items() if step >= 0)
+        bad = []
+        for name, value in self._first_non_finite.items():
+            steps = value.tolist()
+            first = min((step for step in steps if step >= 0), default=None)
+            if first is not None:
+                bad.append((first, name, steps.index(first)))
         parts = [
             f"{name} at step {step}" + (f" (first bad: {self._watched_parts[name][index]})" if name in self._watched_parts else "")
-            for step, name, index in bad
+            for step, name, index in sorted(bad)
         ]
         named = list(self.named_parameters())
         finite = torch.stack([torch.isfinite(parameter).all() for _, parameter in named]).tolist() if named else []
