@@ -196,7 +196,7 @@ class TensorBatches:
         n = len(self.images)
         order = torch.randperm(n, device=self.images.device) if self.shuffle else torch.arange(n, device=self.images.device)
         for indices in order.split(self.batch_size):
-            yield self.transform(self.images[indices]), self.labels[indices]
+            yield self.transform(self.images.index_select(0, indices)), self.labels.index_select(0, indices)
 
 
 def _identity(x: Tensor) -> Tensor:
