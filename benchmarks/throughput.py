@@ -8,8 +8,8 @@ non-saturating loss, batch 64. These implementations, timed on the same machine 
 same run, after warm-up:
 
 * varinf: the module trained by a Lightning ``Trainer`` (what ``varinf fit`` runs), each training
-  step timed by a callback; the epoch's wall time is split into data (between steps), step and
-  the rest (logging, hooks);
+  step timed by a callback; the epoch's wall time is split into data (the time inside the batch
+  iterator), steps and the rest (Lightning's loop, hooks and logging);
 * plain PyTorch: the same networks and estimator in a hand-written loop, written as well as
   PyTorch allows (no Python per image, ``zero_grad(set_to_none=True)``, the same Adam);
 * the Lightning floor (VAE only): the plain step as the ``training_step`` of a bare
@@ -20,7 +20,7 @@ same run, after warm-up:
 
 Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
 is shared and noisy). Prints median milliseconds per step and the ratios, the split of a 60k-image
-epoch into data, loop, steps and epoch-end logging, and epoch time against the training-set size
+epoch into data, steps, and Lightning's loop and logging, and epoch time against the training-set size
 (15k, 30k, 60k) and the batch size; writes benchmarks/results/throughput.{json,md} and
 throughput_scaling.png.
 """
@@ -61,23 +61,19 @@ def median_ms(step, batches, warmup: int, steps: int) -> float:
 
 
 class StepTimer(pl.Callback):
-    """Times each training step (batch start to batch end), the gaps between steps (data and
-    Lightning's loop) and the epoch, keeping those of the last epoch."""
+    """Times each training step (batch start to batch end) and the epoch, keeping the last epoch's."""
 
     def __init__(self):
-        self.steps, self.gaps, self._last_end = [], [], None
+        self.steps = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
-        if self._last_end is not None:
-            self.gaps.append(self._start - self._last_end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._last_end = time.perf_counter()
-        self.steps.append(self._last_end - self._start)
+        self.steps.append(time.perf_counter() - self._start)
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.steps, self.gaps, self._last_end = [], [], None
+        self.steps = []
         self._epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -93,7 +89,7 @@ def lightning_run(module, datamodule, warmup: int, steps: int, limit_train_batch
     )
     module.configure_callbacks = lambda: []  # time the step, not image grids and checkpoints
     trainer.fit(module, datamodule=datamodule)
-    timer.steps, timer.gaps = timer.steps[warmup:], timer.gaps[warmup:]
+    timer.steps = timer.steps[warmup:]
     return timer
 
 
@@ -262,27 +258,45 @@ def epoch_seconds(batch_size: int, size: int) -> float:
     return lightning_run(varinf_vae(), mnist_60k(batch_size, size), 0, 0, limit_train_batches=1.0, epochs=2).epoch_seconds
 
 
+class TimedBatches:
+    """Serves a data module's training batches and adds up, per epoch, the time spent making them
+    (``iter`` and every ``next``): the data share of the fit itself."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch_seconds = batches, []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        started = time.perf_counter()
+        iterator = iter(self.batches)
+        self.epoch_seconds.append(time.perf_counter() - started)
+        while True:
+            started = time.perf_counter()
+            batch = next(iterator, None)
+            self.epoch_seconds[-1] += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
+
+
 def epoch_split(rounds: int) -> dict[str, float]:
-    """One 60k epoch of the VAE (the second of a fit) split into data (the batches alone: slicing
-    and binarising, timed by iterating a second epoch of them without training), loop (the rest of
-    the gaps between steps: Lightning's per-batch work), steps, and epoch-end work (logging the
-    epoch metrics); medians over rounds."""
+    """One 60k epoch of the VAE (the second of a fit) split into data (the time inside the batch
+    iterator: slicing and binarising), steps, and the rest: Lightning's loop between steps and the
+    epoch's logging; medians over rounds."""
     splits = []
     for _ in range(rounds):
-        batches = mnist_60k(256, 60_000).train_dataloader()
-        for _batch in batches:
-            pass
-        started = time.perf_counter()
-        for _batch in batches:
-            pass
-        data_seconds = time.perf_counter() - started
-        timer = lightning_run(varinf_vae(), mnist_60k(256, 60_000), 0, 0, limit_train_batches=1.0, epochs=2)
-        gaps, steps = sum(timer.gaps), sum(timer.steps)
-        splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "loop": gaps - data_seconds, "steps": steps,
-                       "epoch_end": timer.epoch_seconds - gaps - steps})
+        data = mnist_60k(256, 60_000)
+        batches = TimedBatches(data.train_dataloader())
+        data.train_dataloader = lambda: batches
+        timer = lightning_run(varinf_vae(), data, 0, 0, limit_train_batches=1.0, epochs=2)
+        steps, data_seconds = sum(timer.steps), batches.epoch_seconds[-1]
+        splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "steps": steps,
+                       "loop_and_logging": timer.epoch_seconds - data_seconds - steps})
     median = {key: statistics.median(split[key] for split in splits) for key in splits[0]}
     return {"vae_epoch_seconds": median["epoch_seconds"],
-            **{f"vae_epoch_{key}_share": median[key] / median["epoch_seconds"] for key in ("data", "loop", "steps", "epoch_end")}}
+            **{f"vae_epoch_{key}_share": median[key] / median["epoch_seconds"] for key in ("data", "steps", "loop_and_logging")}}
 
 
 def scaling(rounds: int) -> dict:

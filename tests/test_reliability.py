@@ -1,5 +1,6 @@
 """Faults: NaNs stop training before a bad checkpoint, killed fits resume exactly, runs repeat."""
 
+import csv
 import json
 import os
 import signal
@@ -36,6 +37,13 @@ def final_state(save_dir: Path, recipe: str) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def metric_rows(save_dir: Path, recipe: str) -> list[dict[str, float]]:
+    """The rows of a run's metrics.csv, each with the values it has."""
+    (path,) = save_dir.glob(f"{recipe}/version_*/metrics.csv")
+    with path.open(newline="") as file:
+        return [{key: float(value) for key, value in row.items() if value} for row in csv.DictReader(file)]
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_a_fit_killed_mid_epoch_resumes_to_the_same_result(tmp_path, recipe):
     """SIGKILL during the second epoch, then --resume: the final weights equal those of an
@@ -55,6 +63,11 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_result(tmp_path, recipe):
     assert whole.keys() == again.keys()
     for name in whole:
         torch.testing.assert_close(again[name], whole[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the metrics log goes on from the checkpoint: the same rows as the uninterrupted fit's, none lost or repeated
+    logged, logged_again = metric_rows(tmp_path / "whole", recipe), metric_rows(tmp_path / "killed", recipe)
+    assert [row.keys() for row in logged_again] == [row.keys() for row in logged] and len(logged) > 3
+    for row, row_again in zip(logged, logged_again):
+        assert row_again == pytest.approx(row, rel=1e-5, abs=1e-6)
 
 
 def test_resume_without_a_run_names_the_folder(tmp_path):

@@ -9,6 +9,7 @@
 """
 
 import argparse
+import csv
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from jsonargparse import ActionYesNo
 from pytorch_lightning import Callback, LightningDataModule, LightningModule
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from varinf.callbacks import AtomicCheckpointIO, save_samples
@@ -50,8 +53,9 @@ class RecordImportPaths(Callback):
         checkpoint[IMPORT_PATHS_KEY] = self.folders
 
 
-def last_checkpoint(logger) -> tuple[str, int]:
-    """The ``last.ckpt`` of the newest run version of a recipe's logger, and that version."""
+def last_checkpoint(logger) -> tuple[str, int, int]:
+    """The ``last.ckpt`` of the newest run version of a recipe's logger, that version, and the
+    epoch the checkpoint completed."""
     init_args = getattr(logger, "init_args", None)
     if init_args is None or not init_args.get("save_dir") or not init_args.get("name"):
         raise ConfigError("--resume finds the run by the logger's save_dir and name; give the trainer a logger with both (the recipes' CSVLogger).")
@@ -64,8 +68,30 @@ def last_checkpoint(logger) -> tuple[str, int]:
     if not versions:
         raise ConfigError(f"--resume: there is no run to resume in {folder} (no version_*/checkpoints/last.ckpt); fit once without --resume.")
     version, path = versions[-1]
-    read_checkpoint(path)  # refuse a damaged checkpoint here, naming it, rather than deep inside Lightning
-    return str(path), version
+    checkpoint = read_checkpoint(path)  # refuse a damaged checkpoint here, naming it, rather than deep inside Lightning
+    return str(path), version, checkpoint["epoch"]
+
+
+@rank_zero_only
+def keep_csv_history(logger, completed_epoch: int) -> None:
+    """Lightning's CSVLogger deletes the ``metrics.csv`` of a run folder it opens again. On
+    resuming, keep the rows of the epochs the checkpoint completed, so the log goes on from there
+    (rows of an epoch that was cut short are dropped: that epoch runs and is logged again)."""
+    if not isinstance(logger, CSVLogger):
+        return
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.exists():
+        return
+    with path.open(newline="") as file:
+        reader = csv.DictReader(file)
+        keys = list(reader.fieldnames or [])
+        rows = [row for row in reader if row.get("epoch") and float(row["epoch"]) <= completed_epoch]
+    writer = logger.experiment  # made on first use, when it deletes the file
+    with path.open("w", newline="") as file:
+        history = csv.DictWriter(file, fieldnames=keys)
+        history.writeheader()
+        history.writerows(rows)
+    writer.metrics_keys = keys  # later rows with new keys make it rewrite the file with the union header
 
 
 class VarinfCLI(LightningCLI):
@@ -74,6 +100,7 @@ class VarinfCLI(LightningCLI):
 
     def __init__(self, *args, import_paths: list[str] = (), **kwargs):
         self.import_paths = list(import_paths)
+        self.resumed_epoch: int | None = None
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -86,7 +113,7 @@ class VarinfCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.get("resume"):
-            config.ckpt_path, config.trainer.logger.init_args.version = last_checkpoint(config.trainer.logger)
+            config.ckpt_path, config.trainer.logger.init_args.version, self.resumed_epoch = last_checkpoint(config.trainer.logger)
         if config.trainer.get("strategy") == "ddp" and config.get("model") and config.model.get("class_path"):
             config.trainer.strategy = getattr(import_class(config.model.class_path), "ddp_strategy", "ddp")
 
@@ -105,6 +132,8 @@ class VarinfCLI(LightningCLI):
             raise cause from error
         self.trainer.callbacks.append(RecordImportPaths(self.import_paths))
         self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if self.resumed_epoch is not None:
+            keep_csv_history(self.trainer.logger, self.resumed_epoch)
 
     def before_fit(self) -> None:
         """varinf's modules step their optimisers themselves, so Lightning's automatic gradient
