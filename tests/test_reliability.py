@@ -14,7 +14,7 @@ import torch
 from conftest import REPO
 from pytorch_lightning import Callback
 
-from varinf import DataError, NumericalError, load_module
+from varinf import DataError, NumericalError, load_module, modules
 from varinf.callbacks import AtomicCheckpointIO
 from varinf.cli import fit, main
 
@@ -114,6 +114,28 @@ def test_a_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, step,
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert stored["global_step"] == 5 and all(torch.isfinite(value).all() for value in stored["state_dict"].values())
     load_module(str(checkpoint))  # whole and loadable
+
+
+STEPS_STARTED: list[int] = []
+
+
+class RecordSteps(Callback):
+    """Appends each training step's number to ``STEPS_STARTED``."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        STEPS_STARTED.append(trainer.global_step)
+
+
+def test_a_nan_stops_training_within_max_unchecked_steps_whatever_the_logging_interval(tmp_path, monkeypatch):
+    """With a logging interval longer than the epoch, a NaN at step 2 still stops the fit once
+    MAX_UNCHECKED_STEPS (here 4) losses wait unchecked, not at the epoch's end."""
+    monkeypatch.setattr(modules, "MAX_UNCHECKED_STEPS", 4)
+    STEPS_STARTED.clear()
+    callbacks = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 2}}, {"class_path": "test_reliability.RecordSteps"}])
+    with pytest.raises(NumericalError, match="the training loss at step 2"):
+        fit(["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=40",
+             "--trainer.log_every_n_steps=1000", *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks={callbacks}"])
+    assert STEPS_STARTED == [0, 1, 2, 3]
 
 
 def test_a_nan_in_a_gan_names_each_phase_loss_at_its_first_bad_step(tmp_path):

@@ -26,23 +26,23 @@ class EpochMeans(Metric):
         super().__init__()
         self.add_state("totals", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weights", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
+        self.register_buffer("_ones", torch.ones(capacity, dtype=torch.float64), persistent=False)
         self.slots: dict[str, int] = {}
         self._indices: dict[tuple[str, ...], Tensor] = {}
 
     def update(self, values: dict[str, Tensor], weight: float) -> None:
         names = tuple(values)
-        if names not in self._indices:
+        index = self._indices.get(names)
+        if index is None or index.device != self.totals.device:
             for name in names:
                 self.slots.setdefault(name, len(self.slots))
             if len(self.slots) > len(self.totals):
                 raise ValueError(f"EpochMeans holds at most {len(self.totals)} names; raise its capacity.")
-            self._indices[names] = torch.tensor([self.slots[name] for name in names], device=self.totals.device)
-        index = self._indices[names]
-        if index.device != self.totals.device:
-            index = self._indices[names] = index.to(self.totals.device)
-        batch = torch.stack([value.detach().reshape(()) for value in values.values()]).to(self.totals.dtype)
-        self.totals.index_add_(0, index, batch * weight)
-        self.weights.index_add_(0, index, torch.full_like(batch, weight))
+            index = self._indices[names] = torch.tensor([self.slots[name] for name in names], device=self.totals.device)
+        with torch.no_grad():
+            batch = torch.stack(list(values.values())).to(self.totals.dtype)
+        self.totals.index_add_(0, index, batch, alpha=weight)
+        self.weights.index_add_(0, index, self._ones[: len(names)], alpha=weight)
 
     def compute(self) -> dict[str, Tensor]:
         means = (self.totals / self.weights).float()

@@ -35,6 +35,8 @@ from varinf.models import LatentVariableModel, ModelFactory
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 RNG_STATES_KEY = "varinf_rng_states"
+MAX_UNCHECKED_STEPS = 1000
+"""A watched loss is checked for NaN and inf at least this often (in steps), whatever ``log_every_n_steps`` is."""
 
 
 def skip_a_failing_nvml_check() -> None:
@@ -95,7 +97,7 @@ class GenerativeModule(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self._epoch_metrics: dict[str, Metric] = {}
-        self._first_non_finite: dict[str, Tensor] = {}
+        self._unchecked: dict[str, list[tuple[int, Tensor]]] = {}
         self._watched_parts: dict[str, list[str]] = {}
         self._log_this_step = False
         self.automatic_optimization = False
@@ -168,16 +170,15 @@ class GenerativeModule(pl.LightningModule):
                 metric.reset()
 
     def watch_finite(self, name: str, values: Tensor, parts: Sequence[str] | None = None) -> None:
-        """Remember, on the device, the first step at which each entry of ``values`` (named ``name``;
-        entry i is ``parts[i]`` if given) held a NaN or inf: one ``where`` per step, no host sync.
-        :meth:`raise_if_not_finite` reports it."""
-        values = values.detach().reshape(-1)
-        seen = self._first_non_finite.get(name)
-        if seen is None:
-            seen = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
-        self._first_non_finite[name] = torch.where(torch.isfinite(values) | (seen >= 0), seen, self.global_step)
+        """Keep this step's ``values`` (named ``name``; entry i is ``parts[i]`` if given) for the
+        next :meth:`raise_if_not_finite`, which finds the first step where one held a NaN or inf:
+        no arithmetic and no host sync per step."""
+        unchecked = self._unchecked.setdefault(name, [])
+        unchecked.append((self.global_step, values.detach()))
         if parts is not None:
             self._watched_parts[name] = list(parts)
+        if len(unchecked) >= MAX_UNCHECKED_STEPS:
+            self.raise_if_not_finite()
 
     def raise_if_not_finite(self) -> None:
         """Stop training if any watched loss went NaN or inf, or any parameter holds one: called
@@ -190,11 +191,15 @@ class GenerativeModule(pl.LightningModule):
         NaN parameter (Adam's and SGD's updates, and norm clipping, all propagate it), which the
         next loss and this check both see. Under ``16-mixed`` the loss scaler skips such steps."""
         bad = []
-        for name, value in self._first_non_finite.items():
-            steps = value.tolist()
-            first = min((step for step in steps if step >= 0), default=None)
+        for name, unchecked in self._unchecked.items():
+            if not unchecked:
+                continue
+            steps, values = zip(*unchecked)
+            unchecked.clear()
+            not_finite = (~torch.isfinite(torch.stack([value.reshape(-1) for value in values]))).tolist()
+            first = next((row for row, flags in enumerate(not_finite) if any(flags)), None)
             if first is not None:
-                bad.append((first, name, steps.index(first)))
+                bad.append((steps[first], name, not_finite[first].index(True)))
         parts = [
             f"{name} at step {step}" + (f" (first bad: {self._watched_parts[name][index]})" if name in self._watched_parts else "")
             for step, name, index in sorted(bad)
