@@ -183,8 +183,9 @@ class DynamicBinarization:
 
     Pixels at 0 or 1 are certain, so only the grey ones (18% of MNIST's) take a uniform draw:
     their positions are found once, and each draw overwrites them in place in one buffer. A draw
-    thus costs one uniform per grey pixel, with no copy of the set, and gives every image fresh
-    independent values, distributed as ``torch.bernoulli(intensities)``: ``u < p``, ``u ~ U[0, 1)``.
+    thus costs one uniform per grey pixel and allocates nothing (fresh buffers of this size cost
+    page faults every draw), and gives every image fresh independent values, distributed as
+    ``torch.bernoulli(intensities)``: ``u < p``, ``u ~ U[0, 1)``.
     """
 
     def __init__(self, intensities: Tensor):
@@ -193,11 +194,14 @@ class DynamicBinarization:
         self.grey = ((flat > 0) & (flat < 1)).nonzero().squeeze(1)
         self.grey_intensities = flat[self.grey]
         self.binary = (intensities == 1).to(intensities.dtype)
+        self._uniforms = torch.empty_like(self.grey_intensities)
+        self._on = torch.empty_like(self.grey_intensities, dtype=torch.bool)
 
     def draw(self) -> Tensor:
         """All the images, binarised afresh; the next draw overwrites the returned tensor."""
-        uniforms = torch.rand(self.grey.shape, dtype=self.grey_intensities.dtype, device=self.grey.device)
-        self.binary.view(-1).index_copy_(0, self.grey, (uniforms < self.grey_intensities).to(self.binary.dtype))
+        uniforms = self._uniforms.uniform_()
+        torch.lt(uniforms, self.grey_intensities, out=self._on)
+        self.binary.view(-1).index_copy_(0, self.grey, uniforms.copy_(self._on))
         return self.binary
 
 
