@@ -4,11 +4,12 @@ import gzip
 import shutil
 
 import pytest
+import scipy.stats
 import torch
 from conftest import idx_bytes, write_dataset
 
 from varinf import DataError, MNISTDataModule, TensorBatches, load_mnist
-from varinf.data import FILE_NAMES
+from varinf.data import FILE_NAMES, DynamicBinarization
 
 
 def test_official_mnist_loads_with_checksums_and_splits_55k_5k_10k(mnist_dir):
@@ -45,6 +46,26 @@ def test_dynamic_binarisation_redraws_every_training_batch_and_fixes_val_test():
     assert (first != second).float().mean() > 0.3  # independent draws differ at ~42% of pixels
     val_first, val_second = (torch.cat([x for x, _ in data.val_dataloader()]) for _ in range(2))
     assert torch.equal(val_first, val_second) and set(val_first.unique().tolist()) == {0.0, 1.0}
+
+
+def test_dynamic_binarisation_draws_each_pixel_from_its_bernoulli_afresh():
+    """Every grey level k/255 turns on with probability k/255 (a binomial test per level over
+    2,000 draws of 200 pixels each), 0 and 1 stay put, and draws are independent: two pixels of one
+    level agree as often as p^2 + (1 - p)^2 says, and successive draws of one pixel likewise."""
+    levels = torch.tensor([0, 1, 37, 128, 200, 254, 255])
+    intensities = (levels.repeat_interleave(200) / 255).reshape(7, 200)[:, None]  # 7 images of 200 pixels
+    binarization = DynamicBinarization(intensities)
+    draws = torch.stack([binarization.draw().clone() for _ in range(2000)])  # (2000, 7, 1, 200)
+    assert set(draws.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(draws[:, 0], torch.zeros_like(draws[:, 0])) and torch.equal(draws[:, 6], torch.ones_like(draws[:, 6]))
+    for image, level in enumerate(levels.tolist()[1:6], start=1):
+        p = level / 255
+        successes = int(draws[:, image].sum())
+        assert scipy.stats.binomtest(successes, draws[:, image].numel(), p).pvalue > 1e-4, level
+        pixel_pairs = (draws[:, image, 0, 0] == draws[:, image, 0, 1]).float().mean()
+        successive = (draws[1:, image, 0, 0] == draws[:-1, image, 0, 0]).float().mean()
+        for agreement in (pixel_pairs, successive):
+            assert agreement.item() == pytest.approx(p**2 + (1 - p) ** 2, abs=5 * 0.5 / 2000**0.5)
 
 
 def test_static_binarisation_is_one_seeded_draw_for_good():

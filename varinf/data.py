@@ -178,11 +178,39 @@ def is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+class DynamicBinarization:
+    """``x ~ Bernoulli(intensity)`` for every pixel of a fixed set of images, redrawn by :meth:`draw`.
+
+    Pixels at 0 or 1 are certain, so only the grey ones (18% of MNIST's) take a uniform draw:
+    their positions are found once, and each draw overwrites them in place in one buffer. A draw
+    thus costs one uniform per grey pixel and allocates nothing (fresh buffers of this size cost
+    page faults every draw), and gives every image fresh independent values, distributed as
+    ``torch.bernoulli(intensities)``: ``u < p``, ``u ~ U[0, 1)``.
+    """
+
+    def __init__(self, intensities: Tensor):
+        flat = intensities.reshape(-1)
+        self.intensities = intensities
+        self.grey = ((flat > 0) & (flat < 1)).nonzero().squeeze(1)
+        self.grey_intensities = flat[self.grey]
+        self.binary = (intensities == 1).to(intensities.dtype)
+        self._uniforms = torch.empty_like(self.grey_intensities)
+        self._on = torch.empty_like(self.grey_intensities, dtype=torch.bool)
+
+    def draw(self) -> Tensor:
+        """All the images, binarised afresh; the next draw overwrites the returned tensor."""
+        uniforms = self._uniforms.uniform_()
+        torch.lt(uniforms, self.grey_intensities, out=self._on)
+        self.binary.view(-1).index_copy_(0, self.grey, uniforms.copy_(self._on))
+        return self.binary
+
+
 class TensorBatches:
     """Mini-batches sliced from tensors that already live on the training device.
 
-    Each epoch draws one permutation on the device and serves ``transform(images[indices])``, so
-    no per-image Python runs and nothing is copied between host and device.
+    Each epoch applies ``transform`` to the whole split once (a fresh binarisation, say), draws
+    one permutation on the device and serves slices of the result, so no per-image Python runs
+    and nothing is copied between host and device.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, transform: Callable[[Tensor], Tensor]):
@@ -195,8 +223,9 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.images)
         order = torch.randperm(n, device=self.images.device) if self.shuffle else torch.arange(n, device=self.images.device)
+        images = self.transform(self.images)
         for indices in order.split(self.batch_size):
-            yield self.transform(self.images.index_select(0, indices)), self.labels.index_select(0, indices)
+            yield images.index_select(0, indices), self.labels.index_select(0, indices)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -233,7 +262,8 @@ class TensorDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def train_transform(self, x: Tensor) -> Tensor:
-        """Applied to each training batch as it is served."""
+        """Applied to the training images each time they are served: to the whole split once per
+        epoch, or to each batch from a ``DataLoader``. It must act on each image independently."""
         return x
 
     def setup(self, stage: str | None = None) -> None:
@@ -294,8 +324,9 @@ class MNISTDataModule(TensorDataModule):
     Args:
         data_dir: folder with the IDX files; ``None`` looks at ``$VARINF_DATA_DIR``, then the cache.
         dataset: ``"mnist"`` enforces the official MD5 checksums; any other name only checks the format.
-        binarize: ``dynamic`` draws ``x ~ Bernoulli(intensity)`` afresh every time a training batch
-            is served (the standard for reported likelihoods; the validation and test sets get one
+        binarize: ``dynamic`` draws ``x ~ Bernoulli(intensity)`` afresh every time a training image
+            is served, i.e. every epoch (:class:`DynamicBinarization`; the standard for reported
+            likelihoods; the validation and test sets get one
             draw, seeded by ``seed``, so that their metrics are comparable across epochs and runs);
             ``static`` makes one seeded draw for every split, fixed for good; ``none`` keeps the
             intensities in [0, 1].
@@ -329,6 +360,7 @@ class MNISTDataModule(TensorDataModule):
         self.save_hyperparameters()
         self.data_dir, self.dataset, self.binarize = data_dir, dataset, binarize
         self.val_size, self.seed, self.download = val_size, seed, download
+        self._binarization: DynamicBinarization | None = None
 
     def prepare_data(self) -> None:
         if self.download:
@@ -355,12 +387,16 @@ class MNISTDataModule(TensorDataModule):
         return splits
 
     def train_transform(self, x: Tensor) -> Tensor:
-        return torch.bernoulli(x) if self.binarize == "dynamic" else x
+        if self.binarize != "dynamic":
+            return x
+        if self._binarization is None or self._binarization.intensities is not x:
+            self._binarization = DynamicBinarization(x)
+        return self._binarization.draw()
 
     def describe_binarization(self) -> str:
         """One line naming the binarisation, for reports."""
         return {
-            "dynamic": f"dynamic binarisation (training batches redrawn each time; val/test drawn once, seed {self.seed})",
+            "dynamic": f"dynamic binarisation (training images redrawn every epoch; val/test drawn once, seed {self.seed})",
             "static": f"static binarisation (one Bernoulli draw, seed {self.seed})",
             "none": "no binarisation (grey levels in [0, 1])",
         }[self.binarize]
