@@ -35,7 +35,7 @@ def test_split_is_seeded_deterministic_and_disjoint(mnist_dir):
     assert len(train_rows | val_rows) == len({row.numpy().tobytes() for row in all_train})
 
 
-def test_dynamic_binarisation_redraws_every_training_batch_and_fixes_val_test():
+def test_dynamic_binarisation_redraws_the_training_images_every_epoch_and_fixes_val_test():
     data = MNISTDataModule(binarize="dynamic", batch_size=256)
     data.setup()
     data.splits["train"] = (torch.full((512, 1, 28, 28), 0.3), torch.zeros(512, dtype=torch.long))
