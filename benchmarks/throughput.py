@@ -8,19 +8,23 @@ non-saturating loss, batch 64. These implementations, timed on the same machine 
 same run, after warm-up:
 
 * varinf: the module trained by a Lightning ``Trainer`` (what ``varinf fit`` runs), each training
-  step timed by a callback; the epoch's wall time is split into data (the time inside the batch
-  iterator), steps and the rest (Lightning's loop, hooks and logging);
+  step timed by a callback; the wall time of an epoch logged as ``varinf fit`` logs (a CSVLogger)
+  is split into data (the time inside the batch iterator), steps, logging between steps
+  (Lightning's logger connector) and the rest (Lightning's loop and hooks);
 * plain PyTorch: the same networks and estimator in a hand-written loop, written as well as
   PyTorch allows (no Python per image, ``zero_grad(set_to_none=True)``, the same Adam);
 * the Lightning floor (VAE only): the plain step as the ``training_step`` of a bare
   LightningModule stepping its optimiser itself (as varinf's modules do), which shows what
-  Lightning's loop alone costs;
+  Lightning's loop alone costs (and so the best ratio to plain PyTorch or SVI that any module
+  trained by Lightning could reach);
 * Pyro SVI (VAE only): ``SVI(model, guide, Adam, Trace_ELBO).step`` as in Pyro's VAE example
   (``pyro.optim.Adam``, not fused; a Bernoulli on sigmoid probabilities; a Monte-Carlo KL).
 
-Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
+Every implementation runs with the host-memory setting that a varinf fit makes
+(:func:`varinf.modules.reuse_freed_host_memory`: freed memory kept for reuse), set before the first
+measurement. Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
 is shared and noisy). Prints median milliseconds per step and the ratios, the split of a 60k-image
-epoch into data, steps, and Lightning's loop and logging, and epoch time against the training-set size
+epoch into data, steps, logging and Lightning's loop, and epoch time against the training-set size
 (15k, 30k, 60k) and the batch size; writes benchmarks/results/throughput.{json,md} and
 throughput_scaling.png.
 """
@@ -28,12 +32,14 @@ throughput_scaling.png.
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
 import matplotlib
 
 matplotlib.use("Agg")
@@ -43,6 +49,7 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 from varinf import MLP, GANModule, GaussianEncoderGuide, LatentVariableModel, MNISTDataModule, VAEModule
+from varinf.modules import reuse_freed_host_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENT, HIDDEN = 50, 400
@@ -60,11 +67,36 @@ def median_ms(step, batches, warmup: int, steps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+class TimedMethods:
+    """Adds up the wall time spent in some methods of an object, wrapped in place."""
+
+    def __init__(self, target, names):
+        self.seconds = 0.0
+        for name in names:
+            setattr(target, name, self._timed(getattr(target, name)))
+
+    def _timed(self, method):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
 class StepTimer(pl.Callback):
-    """Times each training step (batch start to batch end) and the epoch, keeping the last epoch's."""
+    """Times each training step (batch start to batch end), the epoch, and the logging done
+    between steps (Lightning's logger connector, which writes step metrics to the logger),
+    keeping the last epoch's."""
 
     def __init__(self):
-        self.steps = []
+        self.steps, self.logging = [], None
+
+    def setup(self, trainer, pl_module, stage):
+        connector = trainer._logger_connector  # its per-batch work: collecting, reducing and writing logged values
+        self.logging = TimedMethods(connector, ["on_batch_start", "on_batch_end", "update_train_step_metrics"])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
@@ -74,18 +106,21 @@ class StepTimer(pl.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         self.steps = []
-        self._epoch_start = time.perf_counter()
+        self._epoch_start, self._logging_start = time.perf_counter(), self.logging.seconds
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.epoch_seconds = time.perf_counter() - self._epoch_start
+        self.epoch_logging_seconds = self.logging.seconds - self._logging_start
 
 
-def lightning_run(module, datamodule, warmup: int, steps: int, limit_train_batches=None, epochs: int = 1) -> StepTimer:
-    """Train for ``epochs`` epochs; the timer holds the last one's times, after ``warmup`` steps."""
+def lightning_run(module, datamodule, warmup: int, steps: int, limit_train_batches=None, epochs: int = 1, log_to=None) -> StepTimer:
+    """Train for ``epochs`` epochs; the timer holds the last one's times, after ``warmup`` steps.
+    ``log_to``: a folder for a CSVLogger (as ``varinf fit`` logs), else no logger."""
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator="auto", max_epochs=epochs, limit_train_batches=limit_train_batches or warmup + steps, limit_val_batches=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        logger=CSVLogger(log_to) if log_to else False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer],
     )
     module.configure_callbacks = lambda: []  # time the step, not image grids and checkpoints
     trainer.fit(module, datamodule=datamodule)
@@ -282,21 +317,23 @@ class TimedBatches:
 
 
 def epoch_split(rounds: int) -> dict[str, float]:
-    """One 60k epoch of the VAE (the second of a fit) split into data (the time inside the batch
-    iterator: slicing and binarising), steps, and the rest: Lightning's loop between steps and the
-    epoch's logging; medians over rounds."""
+    """One 60k epoch of the VAE (the second of a fit, logged to a CSVLogger as ``varinf fit`` logs)
+    split into data (the time inside the batch iterator: slicing and binarising), steps, logging
+    between steps (Lightning's logger connector) and the rest: Lightning's loop; medians over rounds."""
     splits = []
     for _ in range(rounds):
         data = mnist_60k(256, 60_000)
         batches = TimedBatches(data.train_dataloader())
         data.train_dataloader = lambda: batches
-        timer = lightning_run(varinf_vae(), data, 0, 0, limit_train_batches=1.0, epochs=2)
-        steps, data_seconds = sum(timer.steps), batches.epoch_seconds[-1]
-        splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "steps": steps,
-                       "loop_and_logging": timer.epoch_seconds - data_seconds - steps})
+        with tempfile.TemporaryDirectory() as logs:
+            timer = lightning_run(varinf_vae(), data, 0, 0, limit_train_batches=1.0, epochs=2, log_to=logs)
+        steps, data_seconds, logging = sum(timer.steps), batches.epoch_seconds[-1], timer.epoch_logging_seconds
+        splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "steps": steps, "logging": logging,
+                       "lightning_loop": timer.epoch_seconds - data_seconds - steps - logging})
     median = {key: statistics.median(split[key] for split in splits) for key in splits[0]}
-    return {"vae_epoch_seconds": median["epoch_seconds"],
-            **{f"vae_epoch_{key}_share": median[key] / median["epoch_seconds"] for key in ("data", "steps", "loop_and_logging")}}
+    shares = {key: median[key] / median["epoch_seconds"] for key in ("data", "steps", "logging", "lightning_loop")}
+    return {"vae_epoch_seconds": median["epoch_seconds"], **{f"vae_epoch_{key}_share": share for key, share in shares.items()},
+            "vae_epoch_data_and_logging_share": shares["data"] + shares["logging"]}
 
 
 def scaling(rounds: int) -> dict:
@@ -332,6 +369,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="every measurement is repeated this often, interleaved; medians are reported")
     args = parser.parse_args()
+    reuse_freed_host_memory()  # as every varinf fit does: the same allocator for every implementation
     torch.manual_seed(0)
     images = MNISTDataModule(binarize="dynamic", batch_size=256).load_splits()["train"][0]
     vae_batches = [torch.bernoulli(images[i : i + 256]) for i in range(0, 256 * 40, 256)]
@@ -342,6 +380,7 @@ def main() -> None:
         "vae_varinf_over_plain": ("vae_varinf_ms", "vae_plain_ms"),
         "vae_lightning_floor_over_plain": ("vae_lightning_floor_ms", "vae_plain_ms"),
         "vae_pyro_svi_over_varinf": ("vae_pyro_svi_ms", "vae_varinf_ms"),
+        "vae_pyro_svi_over_lightning_floor": ("vae_pyro_svi_ms", "vae_lightning_floor_ms"),
         "gan_varinf_over_plain": ("gan_varinf_ms", "gan_plain_ms"),
     }
     results = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
