@@ -106,6 +106,19 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     assert different["kid"] > 10 * different["kid_std"] > 0
 
 
+def test_kid_subsets_come_from_the_evaluation_seed_not_the_global_random_state():
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(2000, 3, generator=generator), torch.randn(2000, 3, generator=generator) + 0.1
+    values = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        values.append(METRICS["kid"].compute(gaussian_evaluation(real, fake))["kid"])
+    assert values[0] == values[1]
+    other_seed = gaussian_evaluation(real, fake)
+    other_seed.seed = 1
+    assert METRICS["kid"].compute(other_seed)["kid"] != values[0]  # the subsets do depend on the seed
+
+
 def test_post_hoc_discriminator_recovers_kl_and_js_of_two_gaussians():
     """N(0, I) vs N((1, 0), I) in 2-D, from 20k samples each: KL = 1/2 both ways and JS by
     quadrature (the second coordinate carries no information). Tolerance 0.05 nats (JS 0.015)."""
