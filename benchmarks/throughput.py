@@ -20,9 +20,7 @@ same run, after warm-up:
 * Pyro SVI (VAE only): ``SVI(model, guide, Adam, Trace_ELBO).step`` as in Pyro's VAE example
   (``pyro.optim.Adam``, not fused; a Bernoulli on sigmoid probabilities; a Monte-Carlo KL).
 
-Every implementation runs with the host-memory setting that a varinf fit makes
-(:func:`varinf.modules.reuse_freed_host_memory`: freed memory kept for reuse), set before the first
-measurement. Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
+Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
 is shared and noisy). Prints median milliseconds per step and the ratios, the split of a 60k-image
 epoch into data, steps, logging and Lightning's loop, and epoch time against the training-set size
 (15k, 30k, 60k) and the batch size; writes benchmarks/results/throughput.{json,md} and
@@ -49,7 +47,6 @@ from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
 from varinf import MLP, GANModule, GaussianEncoderGuide, LatentVariableModel, MNISTDataModule, VAEModule
-from varinf.modules import reuse_freed_host_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENT, HIDDEN = 50, 400
@@ -369,7 +366,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3, help="every measurement is repeated this often, interleaved; medians are reported")
     args = parser.parse_args()
-    reuse_freed_host_memory()  # as every varinf fit does: the same allocator for every implementation
     torch.manual_seed(0)
     images = MNISTDataModule(binarize="dynamic", batch_size=256).load_splits()["train"][0]
     vae_batches = [torch.bernoulli(images[i : i + 256]) for i in range(0, 256 * 40, 256)]

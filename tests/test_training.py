@@ -4,8 +4,6 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,36 +124,6 @@ def test_the_nvml_cuda_check_is_skipped_only_where_nvml_cannot_load(monkeypatch)
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")  # a user's choice is left alone
     skip_a_failing_nvml_check()
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
-
-
-PAGE_FAULTS_OF_REPEATED_ALLOCATIONS = """
-import resource, sys, torch
-from varinf.modules import reuse_freed_host_memory
-took_effect = reuse_freed_host_memory() if sys.argv[1] == "reuse" else None
-def step():  # like a training step: temporaries of 2 MB, 16 MB in all, freed together
-    temporaries = [torch.ones(1 << 19) for _ in range(8)]
-    return sum(float(t[-1]) for t in temporaries)
-step()  # the first step takes its pages in either case
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(took_effect, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_a_fit_reuses_freed_host_memory_instead_of_faulting_its_pages_in_again():
-    """20 steps that each allocate and free 16 MB (4096 pages): glibc's defaults hand the memory
-    back after every step and fault it in again (~80k page faults), kept memory takes ~none. Run
-    in fresh processes, as the setting is process-wide."""
-    faults = {}
-    for mode in ("default", "reuse"):
-        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REPEATED_ALLOCATIONS, mode], capture_output=True, text=True, check=True).stdout.split()
-        faults[mode] = int(out[-1])
-        if mode == "reuse":
-            assert out[0] == "True"
-    assert faults["default"] > 20 * 4096 // 2, faults
-    assert faults["reuse"] < 4096, faults
 
 
 def test_invalid_module_settings_are_rejected():

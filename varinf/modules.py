@@ -54,32 +54,6 @@ def skip_a_failing_nvml_check() -> None:
 
 skip_a_failing_nvml_check()
 
-GLIBC_MMAP_THRESHOLD = 32 << 20
-"""Host allocations up to this size come from the heap during a fit (glibc's largest allowed value)."""
-GLIBC_TRIM_THRESHOLD = 512 << 20
-"""Freed memory at the top of the heap is handed back to the system only beyond this much."""
-
-
-def reuse_freed_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; returns whether it took effect.
-
-    By default glibc maps each allocation above a threshold (128 kB, raised up to the largest
-    block freed so far) afresh and returns freed memory at the top of its heap to the system once
-    more than twice that is free. A training step frees all its temporaries (a 256 x 784 float batch
-    is 0.8 MB), so the next step takes every page of them again, each a page fault: a third of the
-    time of ``binary_cross_entropy_with_logits`` on such a batch. Serving blocks up to 32 MB from the
-    heap and trimming only beyond 512 MB keeps them. Process-wide (``mallopt``); no effect
-    where the C library is not glibc, and none on GPU tensors (CUDA has its own caching allocator).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, GLIBC_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, GLIBC_TRIM_THRESHOLD))
-
 
 def random_states() -> dict:
     """The Python, numpy and torch (CPU and CUDA) random states, as plain values and tensors that
@@ -140,10 +114,7 @@ class GenerativeModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Before a fit, a prior that starts from data (a VampPrior's pseudo-inputs) takes its
         starting points from the training split. Lightning restores a checkpoint after ``setup``,
-        so a resumed fit keeps the checkpoint's prior. A fit keeps freed host memory for reuse
-        (:func:`reuse_freed_host_memory`)."""
-        if stage == "fit":
-            reuse_freed_host_memory()
+        so a resumed fit keeps the checkpoint's prior."""
         initialise = getattr(getattr(self.model, "prior", None), "initialise_from_data", None)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if stage == "fit" and initialise is not None and hasattr(datamodule, "splits"):
