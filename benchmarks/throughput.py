@@ -334,13 +334,21 @@ def epoch_split(rounds: int) -> dict[str, float]:
 
 
 def scaling(rounds: int) -> dict:
-    """Median epoch seconds against the training-set size (batch 256) and the batch size (60k)."""
+    """Median epoch seconds against the training-set size (batch 256) and the batch size (60k),
+    every setting once per round (interleaved); the deviation from linear in the size is the median
+    over rounds of each round's largest ``|(t_n / n) / (t_60k / 60k) - 1|``."""
     sizes, batch_sizes = (15_000, 30_000, 60_000), (64, 128, 256, 512)
-    by_size = {n: statistics.median(epoch_seconds(256, n) for _ in range(rounds)) for n in sizes}
-    by_batch = {b: statistics.median(epoch_seconds(b, 60_000) for _ in range(rounds)) for b in batch_sizes}
-    per_image = {n: by_size[n] / n for n in sizes}
-    linearity = max(abs(per_image[n] / per_image[60_000] - 1) for n in sizes)
-    return {"epoch_seconds_by_size": by_size, "epoch_seconds_by_batch_size": by_batch, "largest_deviation_from_linear": linearity}
+    by_size, by_batch, deviations = {n: [] for n in sizes}, {b: [] for b in batch_sizes}, []
+    for _ in range(rounds):
+        seconds = {n: epoch_seconds(256, n) for n in sizes}
+        deviations.append(max(abs((seconds[n] / n) / (seconds[60_000] / 60_000) - 1) for n in sizes))
+        for n in sizes:
+            by_size[n].append(seconds[n])
+        for b in batch_sizes:
+            by_batch[b].append(epoch_seconds(b, 60_000))
+    return {"epoch_seconds_by_size": {n: statistics.median(times) for n, times in by_size.items()},
+            "epoch_seconds_by_batch_size": {b: statistics.median(times) for b, times in by_batch.items()},
+            "largest_deviation_from_linear": statistics.median(deviations)}
 
 
 def plot_scaling(scales: dict, path: Path) -> None:
