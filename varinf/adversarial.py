@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn.functional import relu, softplus
 
 from varinf.networks import MLP
+from varinf.seeding import seeded
 
 
 def d_minimax(real: Tensor, fake: Tensor) -> Tensor:
@@ -142,8 +143,7 @@ def fit_density_ratio(real: Tensor, fake: Tensor, hidden: tuple[int, ...] = (256
         The trained logit function (no gradients).
     """
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         network = MLP(real.shape[1:], (1,), hidden=hidden, activation="leaky_relu").to(real.device)
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
 

@@ -11,6 +11,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import save_image
 
 from varinf.metrics import mode_coverage
+from varinf.seeding import seeded
 
 
 def save_samples(samples: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> None:
@@ -65,9 +66,7 @@ class ImageGrids(pl.Callback):
     def _samples(self, pl_module) -> torch.Tensor:
         if self.fixed_latents is None:
             points = len(pl_module.model.data_shape) == 1
-            devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed, pl_module.device):
                 self.fixed_latents = pl_module.sample_latents(self.num_points if points else self.num_samples)
         return pl_module.generate(self.fixed_latents.to(pl_module.device))
 
@@ -106,8 +105,7 @@ class ModeCoverage(pl.Callback):
         data = trainer.datamodule
         if trainer.sanity_checking or not hasattr(data, "centers"):
             return
-        with torch.random.fork_rng(devices=[pl_module.device.index or 0] if pl_module.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed, pl_module.device):
             samples = pl_module.generate(pl_module.sample_latents(self.num_samples))
         for name, value in mode_coverage(samples, data.centers(), data.std).items():
             pl_module.log(f"val/{name}", value)

@@ -11,7 +11,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +28,7 @@ from varinf.guides import guide_capabilities
 from varinf.metrics import class_coverage, knn_precision_recall, parzen_log_likelihood
 from varinf.modules import import_class, load_module, read_checkpoint
 from varinf.objectives import log_importance_weights
+from varinf.seeding import seeded
 
 
 @torch.no_grad()
@@ -112,17 +112,9 @@ class Evaluation:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    @contextmanager
-    def seeded(self, seed: int):
-        """Within the block, torch's random draws come from ``seed``; the global state is restored after."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
-
     def draw(self, num_samples: int, seed: int) -> Tensor:
         """``num_samples`` model samples, drawn in batches under their own seed."""
-        with self.seeded(seed), torch.no_grad():
+        with seeded(seed, self.device), torch.no_grad():
             return torch.cat([self.sample(min(1000, num_samples - start)) for start in range(0, num_samples, 1000)]).to(self.device)
 
     @cached_property
@@ -295,7 +287,7 @@ def kid_metric(evaluation: Evaluation) -> dict:
     """Kernel distance (squared MMD, cubic polynomial kernel) on classifier features, mean and std
     over 100 subsets of 1,000 (Binkowski et al. 2018), via torchmetrics' KernelInceptionDistance.
     The subsets are drawn from the evaluation's seed, so the value is reproducible."""
-    with evaluation.seeded(evaluation.seed):
+    with seeded(evaluation.seed, evaluation.device):
         mean, std = _image_distance(KernelInceptionDistance, evaluation, subsets=100, subset_size=1000)
     return {"kid": float(mean), "kid_std": float(std), "settings": "varinf MNIST classifier features, 100 subsets of 1000"}
 
