@@ -68,6 +68,30 @@ def test_dynamic_binarisation_draws_each_pixel_from_its_bernoulli_afresh():
             assert agreement.item() == pytest.approx(p**2 + (1 - p) ** 2, abs=5 * 0.5 / 2000**0.5)
 
 
+def test_dynamic_binarisation_is_one_uniform_per_grey_pixel_from_the_global_generator():
+    """The draw is ``1[u < p]`` with ``u = torch.rand(grey pixels)`` in storage order: a seeded fit
+    redraws exactly the same images whatever the implementation (the committed tables rest on it)."""
+    intensities = torch.tensor([[0.0, 0.2, 1.0], [0.7, 0.0, 0.5]]).repeat(50, 1)
+    grey = (intensities > 0) & (intensities < 1)
+    binarization = DynamicBinarization(intensities)
+    torch.manual_seed(3)
+    first, second = binarization.draw().clone(), binarization.draw().clone()
+    torch.manual_seed(3)
+    for drawn in (first, second):
+        expected = (intensities == 1).float()
+        expected[grey] = (torch.rand(int(grey.sum())) < intensities[grey]).float()
+        assert torch.equal(drawn, expected)
+
+
+def test_shuffled_batches_keep_every_label_with_its_image():
+    images, labels = torch.arange(1000.0).reshape(1000, 1, 1, 1), torch.arange(1000)
+    batches = list(TensorBatches(images, labels, batch_size=64, shuffle=True, transform=lambda x: x))
+    served_images, served_labels = torch.cat([x for x, _ in batches]).flatten(), torch.cat([y for _, y in batches])
+    assert [len(y) for _, y in batches] == [64] * 15 + [40]
+    assert torch.equal(served_images.long(), served_labels) and not torch.equal(served_labels, labels)
+    assert torch.equal(served_labels.sort().values, labels)
+
+
 def test_static_binarisation_is_one_seeded_draw_for_good():
     first, second = MNISTDataModule(binarize="static"), MNISTDataModule(binarize="static")
     first.setup(), second.setup()

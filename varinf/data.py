@@ -185,7 +185,8 @@ class DynamicBinarization:
     their positions are found once, and each draw overwrites them in place in one buffer. A draw
     thus costs one uniform per grey pixel and allocates nothing (fresh buffers of this size cost
     page faults every draw), and gives every image fresh independent values, distributed as
-    ``torch.bernoulli(intensities)``: ``u < p``, ``u ~ U[0, 1)``.
+    ``torch.bernoulli(intensities)``: ``x = 1[u < p]``, ``u ~ U[0, 1)`` drawn by ``torch.rand``'s
+    generator, one per grey pixel in storage order.
     """
 
     def __init__(self, intensities: Tensor):
@@ -194,14 +195,12 @@ class DynamicBinarization:
         self.grey = ((flat > 0) & (flat < 1)).nonzero().squeeze(1)
         self.grey_intensities = flat[self.grey]
         self.binary = (intensities == 1).to(intensities.dtype)
-        self._uniforms = torch.empty_like(self.grey_intensities)
-        self._on = torch.empty_like(self.grey_intensities, dtype=torch.bool)
+        self._grey_values = torch.empty_like(self.grey_intensities)
 
     def draw(self) -> Tensor:
         """All the images, binarised afresh; the next draw overwrites the returned tensor."""
-        uniforms = self._uniforms.uniform_()
-        torch.lt(uniforms, self.grey_intensities, out=self._on)
-        self.binary.view(-1).index_copy_(0, self.grey, uniforms.copy_(self._on))
+        grey_values = self._grey_values.uniform_().lt_(self.grey_intensities)  # u, then 1[u < p] in place
+        self.binary.view(-1).index_copy_(0, self.grey, grey_values)
         return self.binary
 
 
@@ -209,8 +208,9 @@ class TensorBatches:
     """Mini-batches sliced from tensors that already live on the training device.
 
     Each epoch applies ``transform`` to the whole split once (a fresh binarisation, say), draws
-    one permutation on the device and serves slices of the result, so no per-image Python runs
-    and nothing is copied between host and device.
+    one permutation on the device and serves the images it picks for each batch, with slices of
+    the labels permuted once, so no per-image Python runs and nothing is copied between host and
+    device.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool, transform: Callable[[Tensor], Tensor]):
@@ -223,9 +223,9 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.images)
         order = torch.randperm(n, device=self.images.device) if self.shuffle else torch.arange(n, device=self.images.device)
-        images = self.transform(self.images)
-        for indices in order.split(self.batch_size):
-            yield images.index_select(0, indices), self.labels.index_select(0, indices)
+        images, labels = self.transform(self.images), self.labels.index_select(0, order)
+        for indices, batch_labels in zip(order.split(self.batch_size), labels.split(self.batch_size)):
+            yield images.index_select(0, indices), batch_labels
 
 
 def _identity(x: Tensor) -> Tensor:
