@@ -20,8 +20,10 @@ same run, after warm-up:
 * Pyro SVI (VAE only): ``SVI(model, guide, Adam, Trace_ELBO).step`` as in Pyro's VAE example
   (``pyro.optim.Adam``, not fused; a Bernoulli on sigmoid probabilities; a Monte-Carlo KL).
 
-Each measurement is repeated ``--rounds`` times, interleaved, and the medians reported (the machine
-is shared and noisy). Prints median milliseconds per step and the ratios, the split of a 60k-image
+The references run interleaved with the Lightning steps they are compared with: after each
+varinf (or floor) step, a callback runs one step of each reference on the same batch, so the
+machine's slow drifts (it is shared) hit both sides of a ratio alike. Each measurement is repeated
+``--rounds`` times and the medians reported. Prints median milliseconds per step and the ratios, the split of a 60k-image
 epoch into data, steps, logging and Lightning's loop, and epoch time against the training-set size
 (15k, 30k, 60k) and the batch size; writes benchmarks/results/throughput.{json,md} and
 throughput_scaling.png.
@@ -32,6 +34,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyro
@@ -50,18 +53,6 @@ from varinf import MLP, GANModule, GaussianEncoderGuide, LatentVariableModel, MN
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENT, HIDDEN = 50, 400
-
-
-def median_ms(step, batches, warmup: int, steps: int) -> float:
-    """Median wall time of ``step(batch)`` in milliseconds, after ``warmup`` untimed steps."""
-    times = []
-    for index in range(warmup + steps):
-        batch = batches[index % len(batches)]
-        started = time.perf_counter()
-        step(batch)
-        if index >= warmup:
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
 
 
 class TimedMethods:
@@ -110,19 +101,35 @@ class StepTimer(pl.Callback):
         self.epoch_logging_seconds = self.logging.seconds - self._logging_start
 
 
-def lightning_run(module, datamodule, warmup: int, steps: int, limit_train_batches=None, epochs: int = 1, log_to=None) -> StepTimer:
-    """Train for ``epochs`` epochs; the timer holds the last one's times, after ``warmup`` steps.
-    ``log_to``: a folder for a CSVLogger (as ``varinf fit`` logs), else no logger."""
-    timer = StepTimer()
+class InterleavedReferences(pl.Callback):
+    """After every training step, one timed step of each reference (``name -> step(x)``) on the
+    same batch's images; listed after the :class:`StepTimer`, whose step time excludes them."""
+
+    def __init__(self, references: dict):
+        self.references, self.steps = references, {name: [] for name in references}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for name, step in self.references.items():
+            started = time.perf_counter()
+            step(batch[0])
+            self.steps[name].append(time.perf_counter() - started)
+
+
+def lightning_run(module, datamodule, warmup: int, steps: int, limit_train_batches=None, epochs: int = 1, log_to=None, references=None) -> dict:
+    """Train for ``epochs`` epochs: the timer (``"timer"``, holding the last epoch's times) and the
+    median ms per step after ``warmup`` steps of the module (``"module"``) and of each of
+    ``references`` (by name), run interleaved. ``log_to``: a folder for a CSVLogger (as ``varinf
+    fit`` logs), else no logger."""
+    timer, interleaved = StepTimer(), InterleavedReferences(references or {})
     trainer = pl.Trainer(
         accelerator="auto", max_epochs=epochs, limit_train_batches=limit_train_batches or warmup + steps, limit_val_batches=0,
         logger=CSVLogger(log_to) if log_to else False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, interleaved],
     )
     module.configure_callbacks = lambda: []  # time the step, not image grids and checkpoints
     trainer.fit(module, datamodule=datamodule)
-    timer.steps = timer.steps[warmup:]
-    return timer
+    medians = {name: 1000 * statistics.median(times[warmup:]) for name, times in [("module", timer.steps), *interleaved.steps.items()] if times[warmup:]}
+    return {"timer": timer, **medians}
 
 
 def vae_networks() -> tuple[nn.Module, nn.Module]:
@@ -260,18 +267,33 @@ def varinf_gan() -> GANModule:
     )
 
 
-def one_round(vae_batches, gan_batches, warmup: int, steps: int) -> dict[str, float]:
-    """Every implementation once, back to back, fresh networks each: median ms per step."""
+def plain_vae() -> Callable:
     encoder, decoder = vae_networks()
-    plain = plain_vae_step(encoder, decoder, vae_adam([*encoder.parameters(), *decoder.parameters()]))
+    return plain_vae_step(encoder, decoder, vae_adam([*encoder.parameters(), *decoder.parameters()]))
+
+
+def plain_gan() -> Callable:
     generator, discriminator = gan_networks()
+    return plain_gan_step(generator, discriminator, gan_adam(generator.parameters()), gan_adam(discriminator.parameters()), GAN_LATENT)
+
+
+def one_round(warmup: int, steps: int) -> dict[str, float]:
+    """Three Lightning runs, fresh networks each, with their references interleaved: median ms per
+    step, and each ratio from one run (the plain step beside the floor for the floor's ratio)."""
+    def vae_data():
+        return MNISTDataModule(binarize="dynamic", batch_size=256)
+
+    vae = lightning_run(varinf_vae(), vae_data(), warmup, steps, references={"plain": plain_vae(), "pyro_svi": pyro_svi_vae_step(*vae_networks())})
+    floor = lightning_run(LightningFloor(), vae_data(), warmup, steps, references={"plain": plain_vae()})
+    gan = lightning_run(varinf_gan(), MNISTDataModule(binarize="none", batch_size=64), warmup, steps, references={"plain": plain_gan()})
     return {
-        "vae_plain_ms": median_ms(plain, vae_batches, warmup, steps),
-        "vae_pyro_svi_ms": median_ms(pyro_svi_vae_step(*vae_networks()), vae_batches, warmup, steps),
-        "vae_lightning_floor_ms": 1000 * statistics.median(lightning_run(LightningFloor(), MNISTDataModule(binarize="dynamic", batch_size=256), warmup, steps).steps),
-        "vae_varinf_ms": 1000 * statistics.median(lightning_run(varinf_vae(), MNISTDataModule(binarize="dynamic", batch_size=256), warmup, steps).steps),
-        "gan_plain_ms": median_ms(plain_gan_step(generator, discriminator, gan_adam(generator.parameters()), gan_adam(discriminator.parameters()), GAN_LATENT), gan_batches, warmup, steps),
-        "gan_varinf_ms": 1000 * statistics.median(lightning_run(varinf_gan(), MNISTDataModule(binarize="none", batch_size=64), warmup, steps).steps),
+        "vae_plain_ms": vae["plain"], "vae_pyro_svi_ms": vae["pyro_svi"], "vae_lightning_floor_ms": floor["module"], "vae_varinf_ms": vae["module"],
+        "gan_plain_ms": gan["plain"], "gan_varinf_ms": gan["module"],
+        "vae_varinf_over_plain": vae["module"] / vae["plain"],
+        "vae_lightning_floor_over_plain": floor["module"] / floor["plain"],
+        "vae_pyro_svi_over_varinf": vae["pyro_svi"] / vae["module"],
+        "vae_pyro_svi_over_lightning_floor": vae["pyro_svi"] / floor["module"],
+        "gan_varinf_over_plain": gan["module"] / gan["plain"],
     }
 
 
@@ -287,7 +309,7 @@ def mnist_60k(batch_size: int, size: int) -> MNISTDataModule:
 
 def epoch_seconds(batch_size: int, size: int) -> float:
     """Wall time of a second epoch (the first also pays one-time costs)."""
-    return lightning_run(varinf_vae(), mnist_60k(batch_size, size), 0, 0, limit_train_batches=1.0, epochs=2).epoch_seconds
+    return lightning_run(varinf_vae(), mnist_60k(batch_size, size), 0, 0, limit_train_batches=1.0, epochs=2)["timer"].epoch_seconds
 
 
 class TimedBatches:
@@ -323,7 +345,7 @@ def epoch_split(rounds: int) -> dict[str, float]:
         batches = TimedBatches(data.train_dataloader())
         data.train_dataloader = lambda: batches
         with tempfile.TemporaryDirectory() as logs:
-            timer = lightning_run(varinf_vae(), data, 0, 0, limit_train_batches=1.0, epochs=2, log_to=logs)
+            timer = lightning_run(varinf_vae(), data, 0, 0, limit_train_batches=1.0, epochs=2, log_to=logs)["timer"]
         steps, data_seconds, logging = sum(timer.steps), batches.epoch_seconds[-1], timer.epoch_logging_seconds
         splits.append({"epoch_seconds": timer.epoch_seconds, "data": data_seconds, "steps": steps, "logging": logging,
                        "lightning_loop": timer.epoch_seconds - data_seconds - steps - logging})
@@ -375,20 +397,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="every measurement is repeated this often, interleaved; medians are reported")
     args = parser.parse_args()
     torch.manual_seed(0)
-    images = MNISTDataModule(binarize="dynamic", batch_size=256).load_splits()["train"][0]
-    vae_batches = [torch.bernoulli(images[i : i + 256]) for i in range(0, 256 * 40, 256)]
-    gan_batches = [images[i : i + 64] for i in range(0, 64 * 40, 64)]
-
-    rounds = [one_round(vae_batches, gan_batches, args.warmup, args.steps) for _ in range(args.rounds)]
-    ratios = {
-        "vae_varinf_over_plain": ("vae_varinf_ms", "vae_plain_ms"),
-        "vae_lightning_floor_over_plain": ("vae_lightning_floor_ms", "vae_plain_ms"),
-        "vae_pyro_svi_over_varinf": ("vae_pyro_svi_ms", "vae_varinf_ms"),
-        "vae_pyro_svi_over_lightning_floor": ("vae_pyro_svi_ms", "vae_lightning_floor_ms"),
-        "gan_varinf_over_plain": ("gan_varinf_ms", "gan_plain_ms"),
-    }
+    rounds = [one_round(args.warmup, args.steps) for _ in range(args.rounds)]
     results = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    results.update({name: statistics.median(r[top] / r[bottom] for r in rounds) for name, (top, bottom) in ratios.items()})
     results.update(epoch_split(args.rounds))
     scales = scaling(args.rounds)
     results["epoch_time_largest_deviation_from_linear"] = scales["largest_deviation_from_linear"]
@@ -401,8 +411,9 @@ def main() -> None:
     lines = ["| quantity | value |", "| --- | --- |", *(f"| {key} | {value:.3f} |" for key, value in results.items())]
     lines += ["", "| training images | epoch s (batch 256) |", "| --- | --- |", *(f"| {n} | {t:.2f} |" for n, t in scales["epoch_seconds_by_size"].items())]
     lines += ["", "| batch size | epoch s (60k) |", "| --- | --- |", *(f"| {b} | {t:.2f} |" for b, t in scales["epoch_seconds_by_batch_size"].items())]
-    header = (f"# Training-step throughput\n\nMedians over {args.rounds} interleaved rounds of {args.steps} steps after {args.warmup} warm-up steps "
-              "(ms per step; ratios are medians of per-round ratios); epoch times and shares are of the second epoch of a fit on 60k images.\n\n")
+    header = (f"# Training-step throughput\n\nMedians over {args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up steps "
+              "(ms per step; the references' steps interleaved with the Lightning steps they are compared with; ratios are medians of "
+              "per-round ratios); epoch times and shares are of the second epoch of a fit on 60k images.\n\n")
     (RESULTS / "throughput.md").write_text(header + "\n".join(lines) + "\n\n![scaling](throughput_scaling.png)\n")
     print("\n".join(lines))
 
