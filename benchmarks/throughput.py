@@ -45,6 +45,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
@@ -357,7 +358,11 @@ def epoch_split(rounds: int) -> dict[str, float]:
 
 def scaling(rounds: int) -> dict:
     """Median epoch seconds against the training-set size (batch 256) and the batch size (60k),
-    every setting once per round (interleaved); the deviation from linear in the size is the median
+    every setting once per round (interleaved).
+
+    Against the size n: the least-squares line ``t = a + b n`` through the medians, its largest
+    relative residual (the deviation from linear growth) and its intercept ``a`` (seconds an epoch
+    costs whatever its size); and the deviation from proportional growth ``t = b n``, the median
     over rounds of each round's largest ``|(t_n / n) / (t_60k / 60k) - 1|``."""
     sizes, batch_sizes = (15_000, 30_000, 60_000), (64, 128, 256, 512)
     by_size, by_batch, deviations = {n: [] for n in sizes}, {b: [] for b in batch_sizes}, []
@@ -368,9 +373,14 @@ def scaling(rounds: int) -> dict:
             by_size[n].append(seconds[n])
         for b in batch_sizes:
             by_batch[b].append(epoch_seconds(b, 60_000))
-    return {"epoch_seconds_by_size": {n: statistics.median(times) for n, times in by_size.items()},
+    medians = np.array([statistics.median(by_size[n]) for n in sizes])
+    slope, intercept = np.polyfit(sizes, medians, 1)
+    return {"epoch_seconds_by_size": dict(zip(sizes, medians.tolist())),
             "epoch_seconds_by_batch_size": {b: statistics.median(times) for b, times in by_batch.items()},
-            "largest_deviation_from_linear": statistics.median(deviations)}
+            "largest_deviation_from_linear": float(np.max(np.abs(medians - (intercept + slope * np.array(sizes))) / medians)),
+            "fixed_seconds_per_epoch": float(intercept),
+            "largest_deviation_from_proportional": statistics.median(deviations),
+            "per_round_epoch_seconds_by_size": by_size}
 
 
 def plot_scaling(scales: dict, path: Path) -> None:
@@ -401,7 +411,8 @@ def main() -> None:
     results = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
     results.update(epoch_split(args.rounds))
     scales = scaling(args.rounds)
-    results["epoch_time_largest_deviation_from_linear"] = scales["largest_deviation_from_linear"]
+    for key in ("largest_deviation_from_linear", "fixed_seconds_per_epoch", "largest_deviation_from_proportional"):
+        results[f"epoch_time_{key}"] = scales[key]
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
