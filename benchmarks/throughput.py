@@ -280,7 +280,8 @@ def plain_gan() -> Callable:
 
 def one_round(warmup: int, steps: int) -> dict[str, float]:
     """Three Lightning runs, fresh networks each, with their references interleaved: median ms per
-    step, and each ratio from one run (the plain step beside the floor for the floor's ratio)."""
+    step, and the ratios. Each ratio to the plain step, and SVI over varinf, pairs steps of one
+    run (the floor's with the plain steps beside it); SVI over the floor pairs two runs."""
     def vae_data():
         return MNISTDataModule(binarize="dynamic", batch_size=256)
 
