@@ -395,6 +395,7 @@ def plot_scaling(scales: dict, path: Path) -> None:
     right.plot(batches, seconds, "o-")
     right.set(xscale="log", xticks=batches, xticklabels=[str(b) for b in batches], xlabel="batch size", ylabel="epoch seconds (60k images)",
               title="epoch time against batch size")
+    right.minorticks_off()  # a log axis labels its minor ticks too, over the batch sizes
     figure.suptitle("varinf VAE (784-400-50 MLP), dynamically binarised MNIST, this machine")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
