@@ -97,6 +97,20 @@ def test_kl_between_two_diagonal_gaussians_matches_torch():
     torch.testing.assert_close(kl_normal_normal(*args), torch.distributions.kl_divergence(p, q).sum(-1))
 
 
+def test_kl_to_the_standard_normal_prior_is_registered_and_equals_torchs_general_kl():
+    from varinf import StandardNormalPrior
+
+    generator = torch.Generator().manual_seed(2)
+    loc, scale = torch.randn(6, 4, generator=generator), torch.rand(6, 4, generator=generator) + 0.2
+    prior, general = StandardNormalPrior(4)(), torch.distributions.Independent(torch.distributions.Normal(torch.zeros(4), torch.ones(4)), 1)
+    gaussian = torch.distributions.Independent(torch.distributions.Normal(loc, scale), 1)
+    expected = torch.distributions.kl_divergence(gaussian, general)
+    torch.testing.assert_close(torch.distributions.kl_divergence(gaussian, prior), expected)
+    torch.testing.assert_close(torch.distributions.kl_divergence(gaussian, prior.expand([6])), expected)  # in a plate
+    laplace = torch.distributions.Independent(torch.distributions.Laplace(loc, scale), 1)  # no closed form here: torch's route
+    torch.testing.assert_close(torch.distributions.kl_divergence(laplace, prior), torch.distributions.kl_divergence(laplace, general))
+
+
 @pytest.mark.parametrize("sizes", [(500, 500), (300, 700), (1, 9)])
 def test_wasserstein_matches_scipy(sizes):
     generator = torch.Generator().manual_seed(sum(sizes))

@@ -166,6 +166,22 @@ def test_bernoulli_likelihood_is_the_binary_log_likelihood():
     torch.testing.assert_close(ContinuousBernoulliLikelihood()(logits).log_prob(y), y * p.log() + (1 - y) * (1 - p).log() + normaliser, rtol=1e-4, atol=1e-4)
 
 
+def test_bernoulli_image_density_equals_independent_bernoulli_pixels_with_the_same_gradient():
+    from varinf import BernoulliLikelihood
+
+    logits = torch.randn(3, 5, 1, 2, 2, requires_grad=True)  # K samples of z for 5 images: broadcast against x
+    x = torch.randint(0, 2, (5, 1, 2, 2)).float()
+    image = BernoulliLikelihood()(logits).to_event(3)
+    reference = pyro.distributions.Bernoulli(logits=logits).to_event(3)
+    assert (image.batch_shape, image.event_shape) == (reference.batch_shape, reference.event_shape)
+    ours, theirs = image.log_prob(x), reference.log_prob(x)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours.sum(), logits)[0], torch.autograd.grad(theirs.sum(), logits)[0])
+    expanded = BernoulliLikelihood()(logits[0]).to_event(3).expand([4, 5])  # as a plate expands it
+    torch.testing.assert_close(expanded.log_prob(x), reference.log_prob(x)[0].expand(4, 5))
+    torch.testing.assert_close(image.mean, torch.sigmoid(logits))
+
+
 def test_nothing_enters_pyros_global_param_store():
     pyro.clear_param_store()
     model, guide = linear_gaussian(exact_guide=False)

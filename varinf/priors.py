@@ -53,6 +53,12 @@ class DiagonalNormalMixture(dist.TorchDistribution):
             return self.locs[k] + self.scales[k] * torch.randn_like(self.locs[k])
 
 
+class StandardNormal(dist.Independent):
+    """``N(0, I)``: an ``Independent(Normal(0, 1), 1)`` whose type tells ``kl_divergence`` that the
+    closed form to the standard normal applies (:mod:`varinf.divergences` registers it). Built by
+    :class:`StandardNormalPrior` only: its base must be ``Normal(0, 1)``."""
+
+
 class StandardNormalPrior(nn.Module):
     """``p(z) = N(0, I)`` over ``latent_dim`` dimensions."""
 
@@ -62,7 +68,7 @@ class StandardNormalPrior(nn.Module):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+        return StandardNormal(dist.Normal(self.loc, self.scale, validate_args=False), 1)
 
 
 class MixtureOfGaussiansPrior(nn.Module):
