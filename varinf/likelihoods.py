@@ -32,10 +32,11 @@ class LogitBernoulli(dist.Bernoulli):
     """Pyro's ``Bernoulli(logits=l)``, whose ``to_event`` gives an :class:`IndependentBernoulli`."""
 
     def to_event(self, reinterpreted_batch_ndims: int | None = None) -> dist.TorchDistribution:
-        independent = super().to_event(reinterpreted_batch_ndims)
-        if type(independent) is not dist.Independent:
-            return independent
-        return IndependentBernoulli(independent.base_dist, independent.reinterpreted_batch_ndims, validate_args=False)
+        if reinterpreted_batch_ndims is None:
+            reinterpreted_batch_ndims = len(self.batch_shape)
+        if reinterpreted_batch_ndims <= 0:
+            return super().to_event(reinterpreted_batch_ndims)
+        return IndependentBernoulli(self, reinterpreted_batch_ndims, validate_args=False)
 
 
 class BernoulliLikelihood(nn.Module):

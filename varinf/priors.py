@@ -66,9 +66,14 @@ class StandardNormalPrior(nn.Module):
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.ones(latent_dim))
+        self._distribution: StandardNormal | None = None
 
     def forward(self) -> dist.TorchDistribution:
-        return StandardNormal(dist.Normal(self.loc, self.scale, validate_args=False), 1)
+        """The same distribution object every call, built again only after the buffers moved (to
+        another device or dtype): it is constant, and building it costs more than the KL."""
+        if self._distribution is None or self._distribution.base_dist.loc is not self.loc:
+            self._distribution = StandardNormal(dist.Normal(self.loc, self.scale, validate_args=False), 1)
+        return self._distribution
 
 
 class MixtureOfGaussiansPrior(nn.Module):
