@@ -97,7 +97,7 @@ def test_kl_between_two_diagonal_gaussians_matches_torch():
     torch.testing.assert_close(kl_normal_normal(*args), torch.distributions.kl_divergence(p, q).sum(-1))
 
 
-def test_kl_to_the_standard_normal_prior_is_registered_and_equals_torchs_general_kl():
+def test_standard_normal_prior_has_a_registered_closed_form_kl_and_is_rebuilt_after_moving():
     from varinf import StandardNormalPrior
 
     generator = torch.Generator().manual_seed(2)
@@ -109,6 +109,10 @@ def test_kl_to_the_standard_normal_prior_is_registered_and_equals_torchs_general
     torch.testing.assert_close(torch.distributions.kl_divergence(gaussian, prior.expand([6])), expected)  # in a plate
     laplace = torch.distributions.Independent(torch.distributions.Laplace(loc, scale), 1)  # no closed form here: torch's route
     torch.testing.assert_close(torch.distributions.kl_divergence(laplace, prior), torch.distributions.kl_divergence(laplace, general))
+    module = StandardNormalPrior(4)
+    assert module() is module()  # built once...
+    module.double()
+    assert module().base_dist.loc.dtype == module().base_dist.scale.dtype == torch.float64  # ...and again after its buffers moved
 
 
 @pytest.mark.parametrize("sizes", [(500, 500), (300, 700), (1, 9)])

@@ -14,10 +14,12 @@ class EpochMeans(Metric):
     """Batch-size-weighted means of named scalars (a loss and its parts, say) over an epoch, all
     updated by one call: ``mean_name = sum_b w_b v_b,name / sum_b w_b``. torchmetrics' MeanMetric
     keeps one scalar per object, and one update per name costs more than the step's arithmetic.
-    Names get a slot when first seen (up to ``capacity``); updates never sync with the host.
+    Each distinct tuple of names gets its own run of slots when first seen (up to ``capacity``
+    slots in all), so an update is one stack and two in-place additions to slices; a name updated
+    in several tuples is pooled over them. Updates never sync with the host.
 
     Args:
-        capacity: the most names one object holds.
+        capacity: the most slots one object holds.
     """
 
     full_state_update = False
@@ -26,27 +28,28 @@ class EpochMeans(Metric):
         super().__init__()
         self.add_state("totals", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weights", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
-        self.register_buffer("_ones", torch.ones(capacity, dtype=torch.float64), persistent=False)
-        self.slots: dict[str, int] = {}
-        self._indices: dict[tuple[str, ...], Tensor] = {}
+        self.blocks: dict[tuple[str, ...], slice] = {}
 
     def update(self, values: dict[str, Tensor], weight: float) -> None:
         names = tuple(values)
-        index = self._indices.get(names)
-        if index is None or index.device != self.totals.device:
-            for name in names:
-                self.slots.setdefault(name, len(self.slots))
-            if len(self.slots) > len(self.totals):
-                raise ValueError(f"EpochMeans holds at most {len(self.totals)} names; raise its capacity.")
-            index = self._indices[names] = torch.tensor([self.slots[name] for name in names], device=self.totals.device)
+        block = self.blocks.get(names)
+        if block is None:
+            start = max((used.stop for used in self.blocks.values()), default=0)
+            if start + len(names) > len(self.totals):
+                raise ValueError(f"EpochMeans holds at most {len(self.totals)} slots; raise its capacity.")
+            block = self.blocks[names] = slice(start, start + len(names))
         with torch.no_grad():
-            batch = torch.stack(list(values.values())).to(self.totals.dtype)
-        self.totals.index_add_(0, index, batch, alpha=weight)
-        self.weights.index_add_(0, index, self._ones[: len(names)], alpha=weight)
+            self.totals[block].add_(torch.stack(list(values.values())), alpha=weight)
+        self.weights[block].add_(weight)
 
     def compute(self) -> dict[str, Tensor]:
-        means = (self.totals / self.weights).float()
-        return {name: means[slot] for name, slot in self.slots.items()}
+        totals: dict[str, Tensor] = {}
+        weights: dict[str, Tensor] = {}
+        for names, block in self.blocks.items():
+            for name, total, weight in zip(names, self.totals[block], self.weights[block]):
+                totals[name] = totals[name] + total if name in totals else total
+                weights[name] = weights[name] + weight if name in weights else weight
+        return {name: (totals[name] / weights[name]).float() for name in totals}
 
 
 class ActiveUnits(Metric):
