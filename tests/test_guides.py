@@ -271,6 +271,51 @@ def test_the_direct_elbo_equals_pyros_elbo_in_value_and_gradient(guide, prior, k
         torch.testing.assert_close(direct_grads[name], pyro_grads[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_particles", [1, 3])
+@pytest.mark.parametrize("kl_weight", [1.0, 0.7])
+def test_the_closed_form_vae_elbo_equals_the_distributions_and_pyros_in_value_and_gradient(num_particles, kl_weight):
+    """The Gaussian-Bernoulli VAE's closed form (no distributions built) computes what the direct
+    path and Pyro's TraceMeanField_ELBO compute on the same draws: loss, parts and gradients."""
+    module = VAEModule(data_shape=(5,), latent_dim=2, guide=partial(GaussianEncoderGuide, encoder=partial(MLP, hidden=(8,))),
+                       model=partial(LatentVariableModel, decoder=partial(MLP, hidden=(8,))), num_particles=num_particles)
+    objective = module.objective
+    assert objective.closed_form and objective.direct
+    objective.kl_weight = kl_weight
+    x = torch.bernoulli(torch.rand(40, 5, generator=torch.Generator().manual_seed(0)))
+    results = []
+    for closed_form, direct in ((True, True), (False, True), (False, False)):
+        objective.closed_form, objective.direct = closed_form, direct
+        module.zero_grad()
+        torch.manual_seed(3)
+        terms = objective.terms(x)
+        terms.loss.backward()
+        results.append((terms, {name: p.grad.clone() for name, p in module.named_parameters()}))
+    (closed, closed_grads), *others = results
+    for terms, grads in others:
+        for name in ("loss", "reconstruction", "kl"):
+            torch.testing.assert_close(getattr(closed, name), getattr(terms, name), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(closed.posterior_mean, terms.posterior_mean.reshape(-1, *closed.posterior_mean.shape)[0])
+        for name in grads:
+            torch.testing.assert_close(closed_grads[name], grads[name], rtol=1e-4, atol=1e-5)
+
+
+def test_the_closed_form_is_taken_only_for_the_gaussian_bernoulli_vae_with_the_analytic_kl():
+    class ScaledGuide(GaussianEncoderGuide):  # another q(z|x): must not be replaced by the Gaussian formulas
+        def posterior(self, x):
+            return super().posterior(2 * x)
+
+    def objective(guide=GaussianEncoderGuide, kl="analytic", **model):
+        return VAEModule(data_shape=(5,), latent_dim=2, guide=partial(guide, encoder=LINEAR), kl=kl,
+                         model=partial(LatentVariableModel, decoder=LINEAR, **model)).objective
+
+    assert objective().closed_form
+    assert not objective(kl="monte_carlo").closed_form
+    assert not objective(guide=ScaledGuide).closed_form and objective(guide=ScaledGuide).direct
+    assert not objective(guide=FullCovarianceGaussianGuide).closed_form
+    assert not objective(likelihood=GaussianLikelihood).closed_form
+    assert not objective(prior=partial(MixtureOfGaussiansPrior, num_components=3)).closed_form
+
+
 def test_a_guide_with_its_own_forward_runs_through_pyro(monkeypatch):
     """The direct path is only taken for programs whose structure varinf knows."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "recipes" / "examples"))

@@ -128,9 +128,13 @@ class GaussianEncoderGuide(_AmortizedGuide):
         self.scale_floor = scale_floor
         self.encoder = encoder(self.data_shape, (2, latent_dim))
 
-    def posterior(self, x: Tensor) -> dist.TorchDistribution:
+    def gaussian_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu(x), sigma(x))``, each ``(B, latent_dim)``."""
         loc, raw_scale = self.encode(x).unbind(-2)
-        return dist.Normal(loc, softplus(raw_scale) + self.scale_floor, validate_args=False).to_event(1)
+        return loc, softplus(raw_scale) + self.scale_floor
+
+    def posterior(self, x: Tensor) -> dist.TorchDistribution:
+        return dist.Normal(*self.gaussian_parameters(x), validate_args=False).to_event(1)
 
 
 class FullCovarianceGaussianGuide(_AmortizedGuide):

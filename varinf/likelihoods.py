@@ -15,17 +15,21 @@ from torch.nn.functional import binary_cross_entropy_with_logits
 from varinf.errors import ConfigError
 
 
+def bernoulli_log_likelihood(logits: Tensor, x: Tensor, event_dims: int) -> Tensor:
+    """``log prod_d Bernoulli(x_d; sigmoid(l_d)) = -sum_d BCE(l_d, x_d)`` over the last
+    ``event_dims`` dimensions, with ``logits`` and ``x`` broadcast against each other. Negated after
+    the sum rather than pixel by pixel: one pass over the image less, forward and backward."""
+    if logits.shape != x.shape:
+        logits, x = torch.broadcast_tensors(logits, x)
+    return -binary_cross_entropy_with_logits(logits, x, reduction="none").sum(tuple(range(-event_dims, 0)))
+
+
 class IndependentBernoulli(dist.Independent):
-    """Independent Bernoulli pixels taken as one event, ``log p(x) = -sum_d BCE(l_d, x_d)``: the
-    density of ``Independent(Bernoulli(logits=l))``, negated after the sum over the pixels rather
-    than pixel by pixel (one pass over the image less, forward and backward)."""
+    """``Independent(Bernoulli(logits=l))``, Bernoulli pixels taken as one event, with its density
+    computed by :func:`bernoulli_log_likelihood`."""
 
     def log_prob(self, value: Tensor) -> Tensor:
-        logits = self.base_dist.logits
-        if logits.shape != value.shape:
-            logits, value = torch.broadcast_tensors(logits, value)
-        pixels = tuple(range(-self.reinterpreted_batch_ndims, 0))
-        return -binary_cross_entropy_with_logits(logits, value, reduction="none").sum(pixels)
+        return bernoulli_log_likelihood(self.base_dist.logits, value, self.reinterpreted_batch_ndims)
 
 
 class LogitBernoulli(dist.Bernoulli):

@@ -14,9 +14,12 @@ from pyro.poutine.scale_messenger import ScaleMessenger
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
+from varinf.divergences import kl_normal_standard_normal
 from varinf.errors import ConfigError
-from varinf.guides import _AmortizedGuide, guide_capabilities, posterior_location, require_capabilities
+from varinf.guides import GaussianEncoderGuide, _AmortizedGuide, guide_capabilities, posterior_location, require_capabilities
+from varinf.likelihoods import BernoulliLikelihood, bernoulli_log_likelihood
 from varinf.models import LATENT, LatentVariableModel, check_data_shape
+from varinf.priors import StandardNormalPrior
 
 KLEstimator = Literal["analytic", "monte_carlo"]
 
@@ -74,6 +77,19 @@ def is_two_site_program(model: nn.Module, guide: nn.Module) -> bool:
     )
 
 
+def is_gaussian_bernoulli_vae(model: nn.Module, guide: nn.Module) -> bool:
+    """Whether a two-site program is the VAE of Kingma & Welling (2014): the Gaussian encoder
+    guide, the N(0, I) prior and the Bernoulli likelihood, none with its distribution overridden.
+    Its analytic ELBO is then computed from mu, sigma and the logits (:meth:`ELBOLoss.closed_form_terms`)."""
+    return (
+        is_two_site_program(model, guide)
+        and isinstance(guide, GaussianEncoderGuide) and type(guide).posterior is GaussianEncoderGuide.posterior
+        and type(model).observation is LatentVariableModel.observation
+        and type(model.prior).forward is StandardNormalPrior.forward
+        and type(model.likelihood).forward is BernoulliLikelihood.forward
+    )
+
+
 def kl_estimate(q: Distribution, p: Distribution, z: Tensor, analytic: bool) -> Tensor:
     """``KL(q || p)``: closed form when requested and registered, else ``log q(z) - log p(z)`` at ``z ~ q``."""
     if analytic:
@@ -93,8 +109,10 @@ class ELBOLoss(nn.Module):
 
     For varinf's own model and guides (:func:`is_two_site_program`) the same estimator is computed
     from their distributions directly, with the same random draws, skipping Pyro's tracing (the
-    hot path of training; tests check loss and gradients equal Pyro's). Any other program, such
-    as a user's guide with its own ``forward``, runs through Pyro's ELBO.
+    hot path of training; tests check loss and gradients equal Pyro's); for the Gaussian-Bernoulli
+    VAE with the analytic KL (:func:`is_gaussian_bernoulli_vae`), from its closed form, without
+    building the distributions. Any other program, such as a user's guide with its own
+    ``forward``, runs through Pyro's ELBO.
 
     Args:
         model: the Pyro model ``p(z) p(x|z)``, called as ``model(x)``.
@@ -115,6 +133,7 @@ class ELBOLoss(nn.Module):
         self.elbo = estimator(num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1)(model, guide)
         self.num_particles = num_particles  # model and guide live in self.elbo (checkpoint keys objective.elbo.*)
         self.direct = is_two_site_program(model, guide)
+        self.closed_form = self.analytic and is_gaussian_bernoulli_vae(model, guide)
         self.kl_weight = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,6 +142,8 @@ class ELBOLoss(nn.Module):
 
     def terms(self, x: Tensor) -> ELBOTerms:
         """The loss and its parts. The parts are read off the same run, without gradients."""
+        if self.closed_form:
+            return self.closed_form_terms(x)
         if self.direct:
             return self.direct_terms(x)
         recorder = _RecordSite(LATENT)
@@ -143,8 +164,25 @@ class ELBOLoss(nn.Module):
         z = q.rsample() if self.num_particles == 1 else q.rsample((self.num_particles,))
         reconstruction = -model.observation(z).log_prob(x).mean()
         kl = kl_estimate(q, model.prior(), z, self.analytic).mean()
-        loss = reconstruction + (kl if self.kl_weight == 1 else self.kl_weight * kl)  # no multiplication by one in the graph
-        return ELBOTerms(loss, reconstruction.detach(), kl.detach(), posterior_location(q).detach())
+        return self.weighted_terms(reconstruction, kl, posterior_location(q))
+
+    def closed_form_terms(self, x: Tensor) -> ELBOTerms:
+        """:meth:`direct_terms` of the Gaussian-Bernoulli VAE in closed form (Kingma & Welling 2014,
+        appendices B and C.1): ``z = mu + sigma eps``, ``log p(x|z) = -sum_d BCE(l_d(z), x_d)`` and
+        ``KL = 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)``, from the tensors, with the same
+        draws and values, without building the three distributions (the default recipe's hot path)."""
+        model, guide = self.elbo.model, self.elbo.guide
+        check_data_shape(x, model.data_shape, "The ELBO")
+        loc, scale = guide.gaussian_parameters(x)
+        shape = loc.shape if self.num_particles == 1 else (self.num_particles, *loc.shape)
+        z = loc + torch.randn(shape, dtype=loc.dtype, device=loc.device) * scale
+        reconstruction = -bernoulli_log_likelihood(model.decoder(z).float(), x, len(model.data_shape)).mean()
+        return self.weighted_terms(reconstruction, kl_normal_standard_normal(loc, scale).mean(), loc)
+
+    def weighted_terms(self, reconstruction: Tensor, kl: Tensor, posterior_mean: Tensor) -> ELBOTerms:
+        """The loss ``reconstruction + beta kl`` (no multiplication in the graph when beta is 1) and its parts."""
+        loss = reconstruction + (kl if self.kl_weight == 1 else self.kl_weight * kl)
+        return ELBOTerms(loss, reconstruction.detach(), kl.detach(), posterior_mean.detach())
 
 
 def log_importance_weights(model: nn.Module, guide: nn.Module, x: Tensor, num_samples: int) -> Tensor:
