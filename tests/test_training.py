@@ -252,11 +252,14 @@ def test_epoch_means_are_batch_weighted_means_of_each_name_whenever_it_was_updat
     metric = EpochMeans()
     generator = torch.Generator().manual_seed(0)
     batches = [(int(size), torch.randn(3, generator=generator)) for size in torch.randint(1, 50, (20,), generator=generator)]
-    for step, (size, values) in enumerate(batches):
-        update = {"D/loss": values[0], "js": values[1]}
-        if step % 3 == 0:  # a generator step every third batch
-            update["G/loss"] = values[2]
-        metric.update(update, size)
+    for first in range(0, 20, 6):  # added in chunks of batches, as a module adds its records
+        chunk = [(step, *batches[step]) for step in range(first, min(first + 6, 20))]
+        for with_generator in (False, True):  # a generator step (G/loss too) every third batch
+            rows = [(size, values) for step, size, values in chunk if (step % 3 == 0) == with_generator]
+            names = ("D/loss", "js", "G/loss") if with_generator else ("D/loss", "js")
+            if rows:
+                sizes, values = zip(*rows)
+                metric.update(names, torch.stack(values)[:, : len(names)], torch.tensor(sizes))
     means = metric.compute()
 
     def weighted(index, steps):
@@ -268,6 +271,37 @@ def test_epoch_means_are_batch_weighted_means_of_each_name_whenever_it_was_updat
     assert float(means["D/loss"]) == pytest.approx(weighted(0, every), rel=1e-6)
     assert float(means["js"]) == pytest.approx(weighted(1, every), rel=1e-6)
     assert float(means["G/loss"]) == pytest.approx(weighted(2, third), rel=1e-6)
+
+
+def test_logged_epoch_means_are_batch_weighted_means_of_every_step():
+    """The step values a VAEModule records, added to its epoch means in chunks (every
+    ``log_every_n_steps`` batches and at the epoch's end), log as their batch-weighted means."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = small_vae()
+    seen = {"train": [], "val": []}
+    terms = module.objective.terms
+
+    def recorded_terms(x):
+        result = terms(x)
+        seen["train" if module.training else "val"].append((x.shape[0], result.loss.detach(), result.kl))
+        return result
+
+    module.objective.terms = recorded_terms
+    data = torch.bernoulli(torch.full((70, 1, 28, 28), 0.3))
+    loader = DataLoader(TensorDataset(data, torch.zeros(70)), batch_size=16)  # 4 batches of 16 and one of 6
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=2, num_sanity_val_steps=0)
+    module.configure_callbacks = list
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    for stage, steps in seen.items():
+        assert len(steps) == 5
+        sizes = torch.tensor([size for size, _, _ in steps], dtype=torch.float64)
+        for name, index in (("loss", 1), ("kl", 2)):
+            values = torch.stack([step[index] for step in steps]).double()
+            expected = float((sizes * values).sum() / sizes.sum())
+            assert float(trainer.callback_metrics[f"{stage}/{name}"]) == pytest.approx(expected, rel=1e-6), (stage, name)
 
 
 @pytest.mark.parametrize("recipe", ["gan_mnist", "gan_sn_mnist", "wgan_gp_mnist", "dcgan_mnist", "aae_mnist", "aae_paper_mnist", "ali_mnist", "gan_ring", "wgan_gp_ring"])

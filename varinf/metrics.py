@@ -11,12 +11,12 @@ from varinf.divergences import kl
 
 
 class EpochMeans(Metric):
-    """Batch-size-weighted means of named scalars (a loss and its parts, say) over an epoch, all
-    updated by one call: ``mean_name = sum_b w_b v_b,name / sum_b w_b``. torchmetrics' MeanMetric
-    keeps one scalar per object, and one update per name costs more than the step's arithmetic.
-    Each distinct tuple of names gets its own run of slots when first seen (up to ``capacity``
-    slots in all), so an update is one stack and two in-place additions to slices; a name updated
-    in several tuples is pooled over them. Updates never sync with the host.
+    """Batch-size-weighted means of named scalars (a loss and its parts, say) over an epoch:
+    ``mean_name = sum_b w_b v_b,name / sum_b w_b``. torchmetrics' MeanMetric keeps one scalar per
+    object, and one update per name costs more than the step's arithmetic. An update adds many
+    batches at once (rows of values, one weight each): each distinct tuple of names gets its own
+    run of slots when first seen (up to ``capacity`` slots in all), and a name updated in several
+    tuples is pooled over them. Updates never sync with the host.
 
     Args:
         capacity: the most slots one object holds.
@@ -30,17 +30,17 @@ class EpochMeans(Metric):
         self.add_state("weights", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
         self.blocks: dict[tuple[str, ...], slice] = {}
 
-    def update(self, values: dict[str, Tensor], weight: float) -> None:
-        names = tuple(values)
+    def update(self, names: tuple[str, ...], rows: Tensor, weights: Tensor) -> None:
+        """Add ``rows`` (one row of ``len(names)`` values per batch) with the batches' ``weights``."""
         block = self.blocks.get(names)
         if block is None:
             start = max((used.stop for used in self.blocks.values()), default=0)
             if start + len(names) > len(self.totals):
                 raise ValueError(f"EpochMeans holds at most {len(self.totals)} slots; raise its capacity.")
             block = self.blocks[names] = slice(start, start + len(names))
-        with torch.no_grad():
-            self.totals[block].add_(torch.stack(list(values.values())), alpha=weight)
-        self.weights[block].add_(weight)
+        weights = weights.to(self.totals)
+        self.totals[block] += weights @ rows.to(self.totals)
+        self.weights[block] += weights.sum()
 
     def compute(self) -> dict[str, Tensor]:
         totals: dict[str, Tensor] = {}

@@ -97,6 +97,7 @@ class GenerativeModule(pl.LightningModule):
     def __init__(self):
         super().__init__()
         self._epoch_metrics: dict[str, Metric] = {}
+        self._records: dict[tuple[str, tuple[str, ...]], list[tuple[Tensor, int]]] = {}
         self._unchecked: dict[str, list[tuple[int, Tensor]]] = {}
         self._watched_parts: dict[str, list[str]] = {}
         self._log_this_step = False
@@ -148,19 +149,34 @@ class GenerativeModule(pl.LightningModule):
         return metric
 
     def record(self, stage: str, values: dict[str, Tensor], batch_size: int) -> None:
-        """Add batch means to the epoch means of ``{stage}/{name}`` (:class:`EpochMeans`), with
-        neither a Lightning ``log`` call nor a host sync. In training they are also logged as
-        ``train/{name}_step`` every ``log_every_n_steps`` batches (when Lightning writes step metrics).
-        Outside a Trainer (a step called by hand) nothing is recorded, as with Lightning's ``log``."""
+        """Keep this batch's means of ``{stage}/{name}`` for the epoch means (:class:`EpochMeans`),
+        with neither a Lightning ``log`` call nor a host sync: one stack per step, added to the
+        metric every ``log_every_n_steps`` batches and at the epoch's end (:meth:`add_records`).
+        In training they are also logged as ``train/{name}_step`` every ``log_every_n_steps``
+        batches (when Lightning writes step metrics). Outside a Trainer (a step called by hand)
+        nothing is recorded, as with Lightning's ``log``."""
         if self._trainer is None:
             return
-        self.epoch_metric(f"{stage}/means", EpochMeans).update(values, batch_size)
+        rows = self._records.setdefault((stage, tuple(values)), [])
+        rows.append((torch.stack(list(values.values())).detach(), batch_size))
+        if len(rows) >= MAX_UNCHECKED_STEPS:
+            self.add_records(stage)
         if stage == "train" and self._log_this_step:
             for name, value in values.items():
                 self.log(f"train/{name}_step", value.detach(), on_step=True, on_epoch=False, prog_bar=name in self.progress_bar_metrics)
 
+    def add_records(self, stage: str) -> None:
+        """Add the batches recorded in ``stage`` since the last call to its epoch means."""
+        for (recorded_stage, names), rows in self._records.items():
+            if recorded_stage == stage and rows:
+                values, sizes = zip(*rows)
+                rows.clear()
+                weights = torch.tensor(sizes, dtype=torch.float64, device=self.device)
+                self.epoch_metric(f"{stage}/means", EpochMeans).update(names, torch.stack(values), weights)
+
     def log_epoch_metrics(self, stage: str) -> None:
         """Log the epoch values of every metric of ``stage`` (reduced across processes), then reset them."""
+        self.add_records(stage)
         for key, metric in self._epoch_metrics.items():
             if key.startswith(f"{stage}/") and metric.update_count:
                 value = metric.compute()
@@ -219,6 +235,7 @@ class GenerativeModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._log_this_step:
             self.raise_if_not_finite()
+            self.add_records("train")
 
     def on_train_epoch_start(self) -> None:
         self._epoch_started = time.perf_counter()
