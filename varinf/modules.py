@@ -36,7 +36,8 @@ from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 RNG_STATES_KEY = "varinf_rng_states"
 MAX_UNCHECKED_STEPS = 1000
-"""A watched loss is checked for NaN and inf at least this often (in steps), whatever ``log_every_n_steps`` is."""
+"""A watched loss is checked for NaN and inf, and recorded values are added to the epoch means, at least this
+often (in steps), whatever ``log_every_n_steps`` is."""
 
 
 def skip_a_failing_nvml_check() -> None:
