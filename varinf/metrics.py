@@ -14,12 +14,12 @@ class EpochMeans(Metric):
     """Batch-size-weighted means of named scalars (a loss and its parts, say) over an epoch:
     ``mean_name = sum_b w_b v_b,name / sum_b w_b``. torchmetrics' MeanMetric keeps one scalar per
     object, and one update per name costs more than the step's arithmetic. An update adds many
-    batches at once (rows of values, one weight each): each distinct tuple of names gets its own
-    run of slots when first seen (up to ``capacity`` slots in all), and a name updated in several
-    tuples is pooled over them. Updates never sync with the host.
+    batches at once (rows of values, one weight each); names get a slot when first seen (up to
+    ``capacity``), so a name updated with different companions is pooled. Updates never sync with
+    the host.
 
     Args:
-        capacity: the most slots one object holds.
+        capacity: the most names one object holds.
     """
 
     full_state_update = False
@@ -28,28 +28,20 @@ class EpochMeans(Metric):
         super().__init__()
         self.add_state("totals", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("weights", torch.zeros(capacity, dtype=torch.float64), dist_reduce_fx="sum")
-        self.blocks: dict[tuple[str, ...], slice] = {}
+        self.slots: dict[str, int] = {}
 
     def update(self, names: tuple[str, ...], rows: Tensor, weights: Tensor) -> None:
         """Add ``rows`` (one row of ``len(names)`` values per batch) with the batches' ``weights``."""
-        block = self.blocks.get(names)
-        if block is None:
-            start = max((used.stop for used in self.blocks.values()), default=0)
-            if start + len(names) > len(self.totals):
-                raise ValueError(f"EpochMeans holds at most {len(self.totals)} slots; raise its capacity.")
-            block = self.blocks[names] = slice(start, start + len(names))
+        if len(self.slots.keys() | set(names)) > len(self.totals):
+            raise ValueError(f"EpochMeans holds at most {len(self.totals)} names; raise its capacity.")
+        index = torch.tensor([self.slots.setdefault(name, len(self.slots)) for name in names], device=self.totals.device)
         weights = weights.to(self.totals)
-        self.totals[block] += weights @ rows.to(self.totals)
-        self.weights[block] += weights.sum()
+        self.totals.index_add_(0, index, weights @ rows.to(self.totals))
+        self.weights.index_add_(0, index, weights.sum().expand(len(names)))
 
     def compute(self) -> dict[str, Tensor]:
-        totals: dict[str, Tensor] = {}
-        weights: dict[str, Tensor] = {}
-        for names, block in self.blocks.items():
-            for name, total, weight in zip(names, self.totals[block], self.weights[block]):
-                totals[name] = totals[name] + total if name in totals else total
-                weights[name] = weights[name] + weight if name in weights else weight
-        return {name: (totals[name] / weights[name]).float() for name in totals}
+        means = (self.totals / self.weights).float()
+        return {name: means[slot] for name, slot in self.slots.items()}
 
 
 class ActiveUnits(Metric):
