@@ -10,8 +10,9 @@ sample metrics for all, each against grey-level MNIST test images). ``--workers 
 once, each with cpus / N threads (two one-thread tasks get through ~1.4x more work than one
 two-thread task on this 2-core machine). A task's results are kept in its run folder with the
 git commit, so an interrupted benchmark resumes where it stopped when run again (``--fresh``
-refits everything). Two sanity rows use no model: the training images as "samples" (FID near 0,
-all classes) and uniform noise.
+refits everything). ``--models`` refits a subset and keeps the other models' rows (and divergence
+curves) from the table already written for the budget. Two sanity rows use no model: the training
+images as "samples" (FID near 0, all classes) and uniform noise.
 
 Writes benchmarks/results/elbo_vs_adversarial.{json,md} (``--budget quick`` writes
 ``elbo_vs_adversarial_quick.*``): mean +- std over seeds, wall time per epoch, machine and
@@ -191,6 +192,7 @@ def markdown(table: dict, sanity: dict, meta: dict) -> str:
         f"Machine: {meta['machine']}; {meta['workers']} tasks at a time, {meta['threads_per_task']} threads each (s/epoch is per task). "
         f"Versions: {meta['versions']}; commit {', '.join(c[:10] for c in meta['commits'])}. "
         f"Task time {meta['task_minutes']:.0f} min; this command's wall time {meta['minutes']:.0f} min (tasks kept from an earlier run not counted)."
+        + (f" Rows of {', '.join(meta['kept'])} kept from the earlier table (not refitted by this run)." if meta.get("kept") else "")
     ), ""]
     lines += [f"![samples of {model}](elbo_vs_adversarial{meta['suffix']}_samples_{model}.png)" for model in table]
     lines += [f"![metrics](elbo_vs_adversarial{meta['suffix']}_metrics.png)", f"![divergence read-outs](elbo_vs_adversarial{meta['suffix']}_divergences.png)", ""]
@@ -215,23 +217,43 @@ def plot_metrics(table: dict, sanity: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_divergence_curves(runs: dict[str, Path], path: Path) -> None:
-    """Per-epoch divergence read-outs of each adversarial model (seed 0), from its CSV log."""
+def divergence_curves(run: Path) -> dict[str, list[list[float]]]:
+    """Per-epoch divergence read-outs of one fit, from its CSV log: ``{key: [[epoch, value], ...]}``."""
+    with (run / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    columns = {key: f"train/divergence/{key}" for key in ("js", "w1", "kl_data_model")}
+    curves = {key: [[float(row["epoch"]), float(row[column])] for row in rows if row.get(column)] for key, column in columns.items()}
+    return {key: points for key, points in curves.items() if points}
+
+
+def plot_divergence_curves(curves: dict[str, dict], path: Path) -> None:
+    """The divergence read-outs of each adversarial model (seed 0) against the epoch."""
     figure, axis = plt.subplots(figsize=(7, 4))
-    for model, run in runs.items():
-        with (run / "metrics.csv").open() as file:
-            rows = list(csv.DictReader(file))
-        for key in ("js", "w1", "kl_data_model"):
-            column = f"train/divergence/{key}"
-            points = [(float(row["epoch"]), float(row[column])) for row in rows if row.get(column)]
-            if points:
-                axis.plot(*zip(*points), marker=".", label=f"{model}: {key}")
+    for model, model_curves in curves.items():
+        for key, points in model_curves.items():
+            axis.plot(*zip(*points), marker=".", label=f"{model}: {key}")
     axis.set_xlabel("epoch")
     axis.set_ylabel("read-out (nats; W1 for critics)")
     axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def kept_rows(path: Path, budget: dict, refitted: list[str]) -> dict:
+    """The committed table's rows of the budget's models that this run does not refit (same seeds),
+    so that refitting some models rewrites their rows and keeps the others."""
+    if not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous["meta"]["seeds"] != budget["seeds"]:
+        return {}
+    kept = [model for model in previous["per_seed"] if model in budget["models"] and model not in refitted]
+    return {
+        "per_seed": {model: previous["per_seed"][model] for model in kept},
+        "curves": {model: curves for model, curves in previous.get("curves", {}).items() if model in kept},
+        "commits": previous["meta"]["commits"] if kept else [],
+    }
 
 
 def git_commit() -> str:
@@ -306,25 +328,34 @@ def main() -> None:
     print(f"{len(tasks)} tasks, {len(tasks) - len(todo)} kept from an earlier run, {args.workers} at a time", flush=True)
     run_tasks(todo, args.budget, budget["seeds"], args.workers)
     results = {task: json.loads(task_result(*task, args.budget).read_text()) for task in tasks}
-    per_seed = {model: [results[(model, seed)]["values"] for seed in budget["seeds"]] for model in args.models}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"elbo_vs_adversarial{suffix}"
+    kept = kept_rows(stem.with_suffix(".json"), budget, args.models)
+    fitted = {model: [results[(model, seed)]["values"] for seed in budget["seeds"]] for model in args.models}
+    per_seed = {model: fitted.get(model) or kept["per_seed"][model] for model in budget["models"] if model in fitted or model in kept.get("per_seed", {})}
     table = {model: {key: summarize([values[key] for values in seeds]) for key in seeds[0]} for model, seeds in per_seed.items()}
     first_runs = {model: task_result(model, budget["seeds"][0], args.budget).parent for model in args.models}
     for model, run in first_runs.items():
         shutil.copyfile(run / "samples_100.png", RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
+    adversarial = {model: run for model, run in first_runs.items() if not budget["models"][model][0].startswith(("vae", "iwae"))}
+    curves = {**kept.get("curves", {}), **{model: divergence_curves(run) for model, run in adversarial.items()}}
+    curves = {model: curves[model] for model in per_seed if model in curves}
     sanity = sanity_rows(budget["evaluation"])
     meta = {
         "budget": args.budget,
         "seeds": budget["seeds"],
         "suffix": suffix,
         "fit_overrides": budget["fit"],
-        "epochs": {model: budget["models"][model][1] for model in args.models},
+        "epochs": {model: budget["models"][model][1] for model in per_seed},
+        "refitted": args.models,
+        "kept": sorted(set(per_seed) - set(args.models)),
         "evaluation": budget["evaluation"],
         "protocol": (
             f"{budget['evaluation']['num_samples']} samples per model against the 10k grey-level test images; nll is the IWAE bound "
             f"(k={budget['evaluation']['k']}) in nats on the model's own binarisation; parzen in nats; fid/kid/precision/recall/classes "
             "on varinf's MNIST classifier features; divergences from a fresh post-hoc discriminator."
         ),
-        "commits": sorted({result["commit"] for result in results.values()}),
+        "commits": sorted({result["commit"] for result in results.values()} | set(kept.get("commits", []))),
         "workers": args.workers,
         "threads_per_task": sorted({result["threads"] for result in results.values()}),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}",
@@ -332,12 +363,10 @@ def main() -> None:
         "task_minutes": sum(result["fit_minutes"] + result["evaluation_minutes"] for result in results.values()),
         "minutes": (time.perf_counter() - started) / 60,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"elbo_vs_adversarial{suffix}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": per_seed, "sanity": sanity}, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": per_seed, "curves": curves, "sanity": sanity}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(table, sanity, meta))
     plot_metrics(table, sanity, RESULTS / f"elbo_vs_adversarial{suffix}_metrics.png")
-    plot_divergence_curves({m: r for m, r in first_runs.items() if not budget["models"][m][0].startswith(("vae", "iwae"))}, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
+    plot_divergence_curves(curves, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
     print(stem.with_suffix(".md").read_text())
 
 
