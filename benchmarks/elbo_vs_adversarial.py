@@ -243,11 +243,9 @@ def plot_divergence_curves(curves: dict[str, dict], path: Path) -> None:
 def kept_rows(path: Path, budget: dict, refitted: list[str]) -> dict:
     """The committed table's rows of the budget's models that this run does not refit (same seeds),
     so that refitting some models rewrites their rows and keeps the others."""
-    if not path.exists():
-        return {}
-    previous = json.loads(path.read_text())
-    if previous["meta"]["seeds"] != budget["seeds"]:
-        return {}
+    previous = json.loads(path.read_text()) if path.exists() else None
+    if previous is None or previous["meta"]["seeds"] != budget["seeds"]:
+        return {"per_seed": {}, "curves": {}, "commits": []}
     kept = [model for model in previous["per_seed"] if model in budget["models"] and model not in refitted]
     return {
         "per_seed": {model: previous["per_seed"][model] for model in kept},
@@ -332,14 +330,14 @@ def main() -> None:
     stem = RESULTS / f"elbo_vs_adversarial{suffix}"
     kept = kept_rows(stem.with_suffix(".json"), budget, args.models)
     fitted = {model: [results[(model, seed)]["values"] for seed in budget["seeds"]] for model in args.models}
-    per_seed = {model: fitted.get(model) or kept["per_seed"][model] for model in budget["models"] if model in fitted or model in kept.get("per_seed", {})}
+    per_seed = {model: fitted.get(model) or kept["per_seed"][model] for model in budget["models"] if model in fitted or model in kept["per_seed"]}
     table = {model: {key: summarize([values[key] for values in seeds]) for key in seeds[0]} for model, seeds in per_seed.items()}
     first_runs = {model: task_result(model, budget["seeds"][0], args.budget).parent for model in args.models}
     for model, run in first_runs.items():
         shutil.copyfile(run / "samples_100.png", RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
     adversarial = {model: run for model, run in first_runs.items() if not budget["models"][model][0].startswith(("vae", "iwae"))}
-    curves = {**kept.get("curves", {}), **{model: divergence_curves(run) for model, run in adversarial.items()}}
-    curves = {model: curves[model] for model in per_seed if model in curves}
+    curves = {**kept["curves"], **{model: divergence_curves(run) for model, run in adversarial.items()}}
+    curves = {model: curves[model] for model in per_seed if model in curves}  # in the table's order
     sanity = sanity_rows(budget["evaluation"])
     meta = {
         "budget": args.budget,
@@ -355,7 +353,7 @@ def main() -> None:
             f"(k={budget['evaluation']['k']}) in nats on the model's own binarisation; parzen in nats; fid/kid/precision/recall/classes "
             "on varinf's MNIST classifier features; divergences from a fresh post-hoc discriminator."
         ),
-        "commits": sorted({result["commit"] for result in results.values()} | set(kept.get("commits", []))),
+        "commits": sorted({result["commit"] for result in results.values()} | set(kept["commits"])),
         "workers": args.workers,
         "threads_per_task": sorted({result["threads"] for result in results.values()}),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}",
