@@ -24,6 +24,7 @@ from varinf import (
     LatentVariableModel,
     MixtureOfGaussiansPrior,
     MNISTDataModule,
+    NormalPrior,
     VAEModule,
     VampPrior,
 )
@@ -142,6 +143,22 @@ def test_mixture_prior_kl_falls_back_to_monte_carlo_and_matches_the_closed_form_
     assert monte_carlo.item() == pytest.approx(analytic.item(), abs=0.02)
 
 
+def test_normal_prior_has_scipys_density_and_the_closed_form_kl_from_a_gaussian_guide():
+    """``KL(N(mu, sigma^2) || N(0, s^2)) = sum_j log(s / sigma_j) + (sigma_j^2 + mu_j^2) / (2 s^2) - 1/2``."""
+    scale = 5.0
+    prior = NormalPrior(2, scale=scale)()
+    z = torch.randn(6, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 4
+    expected = scipy.stats.norm(0.0, scale).logpdf(z.numpy()).sum(-1)
+    torch.testing.assert_close(prior.log_prob(z.float()), torch.as_tensor(expected, dtype=torch.float32))
+    guide = GaussianEncoderGuide((3,), 2, encoder=LINEAR)
+    x = data(4)
+    loc, sigma = guide.gaussian_parameters(x)
+    closed_form = (torch.log(scale / sigma) + (sigma**2 + loc**2) / (2 * scale**2) - 0.5).sum(-1)
+    torch.testing.assert_close(torch.distributions.kl_divergence(guide.posterior(x), prior), closed_form)
+    with pytest.raises(ConfigError, match="positive scale"):
+        NormalPrior(2, scale=0.0)
+
+
 def test_diagonal_normal_mixture_has_the_density_gradient_and_samples_of_torchs_mixture():
     """The matrix-product density equals ``MixtureSameFamily`` (computed per component in float64)
     in value and gradient, also for narrow components far from z; its samples have the mixture's
@@ -238,7 +255,7 @@ def test_missing_capabilities_are_refused_when_the_module_is_built():
 GUIDES_AND_PRIORS = [  # a VampPrior needs a guide with log_prob, which flows lack
     (guide, prior)
     for guide in (GaussianEncoderGuide, FullCovarianceGaussianGuide, partial(FlowGuide, num_flows=2, hidden=(16,)))
-    for prior in (None, partial(MixtureOfGaussiansPrior, num_components=3), partial(VampPrior, num_pseudo_inputs=4, data_shape=(3,)))
+    for prior in (None, partial(NormalPrior, scale=5.0), partial(MixtureOfGaussiansPrior, num_components=3), partial(VampPrior, num_pseudo_inputs=4, data_shape=(3,)))
     if not (isinstance(guide, partial) and prior is not None and prior.func is VampPrior)
 ]
 
@@ -314,6 +331,7 @@ def test_the_closed_form_is_taken_only_for_the_gaussian_bernoulli_vae_with_the_a
     assert not objective(guide=FullCovarianceGaussianGuide).closed_form
     assert not objective(likelihood=GaussianLikelihood).closed_form
     assert not objective(prior=partial(MixtureOfGaussiansPrior, num_components=3)).closed_form
+    assert not objective(prior=partial(NormalPrior, scale=5.0)).closed_form and objective(prior=partial(NormalPrior, scale=5.0)).direct
 
 
 def test_a_guide_with_its_own_forward_runs_through_pyro(monkeypatch):

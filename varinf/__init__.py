@@ -55,7 +55,7 @@ from varinf.models import DATA_PLATE, LATENT, OBSERVED, LatentVariableModel
 from varinf.modules import GenerativeModule, VAEModule, load_module
 from varinf.networks import MLP, ConvDecoder, ConvEncoder, NetworkFactory
 from varinf.objectives import ELBOLoss, iwae_bound, log_importance_weights
-from varinf.priors import MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
+from varinf.priors import MixtureOfGaussiansPrior, NormalPrior, StandardNormalPrior, VampPrior
 
 __all__ = [
     "ADVERSARIAL_LOSSES",
@@ -88,6 +88,7 @@ __all__ = [
     "MixtureOfGaussiansPrior",
     "ModeCoverage",
     "NetworkFactory",
+    "NormalPrior",
     "NumericalError",
     "RingDataModule",
     "StandardNormalPrior",

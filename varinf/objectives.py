@@ -85,7 +85,7 @@ def is_gaussian_bernoulli_vae(model: nn.Module, guide: nn.Module) -> bool:
         is_two_site_program(model, guide)
         and isinstance(guide, GaussianEncoderGuide) and type(guide).posterior is GaussianEncoderGuide.posterior
         and type(model).observation is LatentVariableModel.observation
-        and type(model.prior).forward is StandardNormalPrior.forward
+        and isinstance(model.prior, StandardNormalPrior) and type(model.prior).forward is StandardNormalPrior.forward
         and type(model.likelihood).forward is BernoulliLikelihood.forward
     )
 

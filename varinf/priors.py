@@ -59,21 +59,40 @@ class StandardNormal(dist.Independent):
     :class:`StandardNormalPrior` only: its base must be ``Normal(0, 1)``."""
 
 
-class StandardNormalPrior(nn.Module):
-    """``p(z) = N(0, I)`` over ``latent_dim`` dimensions."""
+class NormalPrior(nn.Module):
+    """``p(z) = N(0, scale^2 I)`` over ``latent_dim`` dimensions; the AAE paper's MNIST prior has
+    scale 5 (Makhzani et al. 2015). The KL from a Gaussian guide is closed form.
 
-    def __init__(self, latent_dim: int):
+    Args:
+        scale: the standard deviation of every dimension.
+    """
+
+    distribution_type: type[dist.Independent] = dist.Independent
+    """The class of the returned distribution, which selects the closed-form KL that applies."""
+
+    def __init__(self, latent_dim: int, scale: float = 1.0):
         super().__init__()
+        if not scale > 0:
+            raise ConfigError(f"NormalPrior needs a positive scale; got {scale}.")
         self.register_buffer("loc", torch.zeros(latent_dim))
-        self.register_buffer("scale", torch.ones(latent_dim))
-        self._distribution: StandardNormal | None = None
+        self.register_buffer("scale", torch.full((latent_dim,), float(scale)))
+        self._distribution: dist.Independent | None = None
 
     def forward(self) -> dist.TorchDistribution:
         """The same distribution object every call, built again only after the buffers moved (to
         another device or dtype): it is constant, and building it costs more than the KL."""
         if self._distribution is None or self._distribution.base_dist.loc is not self.loc:
-            self._distribution = StandardNormal(dist.Normal(self.loc, self.scale, validate_args=False), 1)
+            self._distribution = self.distribution_type(dist.Normal(self.loc, self.scale, validate_args=False), 1)
         return self._distribution
+
+
+class StandardNormalPrior(NormalPrior):
+    """``p(z) = N(0, I)`` over ``latent_dim`` dimensions, typed :class:`StandardNormal`."""
+
+    distribution_type = StandardNormal
+
+    def __init__(self, latent_dim: int):
+        super().__init__(latent_dim, 1.0)
 
 
 class MixtureOfGaussiansPrior(nn.Module):
