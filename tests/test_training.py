@@ -98,6 +98,46 @@ def test_vae_steps_equal_a_hand_written_adam_loop(grad_clip):
         torch.testing.assert_close(parameter, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
+class NormRecordingAdam(torch.optim.Adam):
+    """Adam that records the gradient norm its update receives."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.norms = []
+
+    def step(self, closure=None):
+        if closure is not None:  # Lightning's closure runs the hooks, clipping among them
+            closure()
+        self.norms.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for group in self.param_groups for p in group["params"]])).item())
+        return super().step()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_clip_bounds_the_true_gradient_norm_under_a_gradient_scaler(fused):
+    """Under 16-mixed (a GPU's, with its GradScaler; forced here on the CPU) the gradients are
+    multiplied by the loss scale until the scaler unscales them inside ``optimizer.step()``; the
+    clip must act after that, on the true norm, or training silently crawls at max_norm / scale.
+    A fused Adam unscales only inside its own step, so clipping it is refused with the fix."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.precision import MixedPrecision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = small_vae()
+    module.grad_clip, module.optimizer_factory = 0.01, lambda params: NormRecordingAdam(params, lr=1e-3, fused=fused)
+    module.configure_callbacks = list
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=16.0))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[precision])
+    data = DataLoader(TensorDataset(torch.bernoulli(torch.full((48, 1, 28, 28), 0.3)), torch.zeros(48)), batch_size=16)
+    if fused:
+        with pytest.raises(ConfigError, match="fused: false"):
+            trainer.fit(module, train_dataloaders=data)
+        return
+    trainer.fit(module, train_dataloaders=data)
+    assert trainer.precision_plugin.scaler.get_scale() >= 16.0  # every step was taken, none skipped for an overflow
+    assert trainer.optimizers[0].norms == pytest.approx([0.01] * 3, rel=1e-3)
+
+
 def test_lightning_gradient_clipping_is_refused_naming_the_module_setting(tmp_path):
     with pytest.raises(SystemExit) as error:
         main(["fit", "--config", str(RECIPE), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", "--trainer.gradient_clip_val=1.0"])
@@ -133,6 +173,25 @@ def test_invalid_module_settings_are_rejected():
 
 def run_fit(tmp_path: Path, *extra: str):
     return fit(["fit", "--config", str(RECIPE), *SMALL, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", *extra])
+
+
+def test_the_final_sample_grid_is_drawn_in_evaluation_mode(tmp_path):
+    """Lightning returns the module to training mode before ``on_fit_end``; the final grids (which
+    the benchmarks publish) must be drawn as the checkpoint is evaluated: without dropout."""
+    import pytorch_lightning as pl
+
+    from varinf import RingDataModule
+
+    torch.manual_seed(0)
+    module = VAEModule(data_shape=(2,), latent_dim=2, model=lambda shape, dim: LatentVariableModel(
+        shape, dim, decoder=lambda i, o: MLP(i, o, hidden=(8,), dropout=0.5), likelihood=GaussianLikelihood))
+    modes, generate = [], module.generate
+    module.generate = lambda z: (modes.append(module.training), generate(z))[1]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=RingDataModule(sizes=(64, 64, 64), batch_size=32))
+    assert modes == [False, False]  # the grid after the validation epoch, then the final one
+    assert module.training and (tmp_path / "images" / "samples.png").is_file()
 
 
 def test_recipe_smoke_fit_writes_metrics_grids_and_checkpoints(tmp_path):

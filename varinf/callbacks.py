@@ -81,10 +81,16 @@ class ImageGrids(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module):
-        self._save(trainer, pl_module, "samples.png")
-        if hasattr(pl_module, "guide") and len(pl_module.model.data_shape) == 3 and trainer.datamodule is not None:
-            x = next(iter(trainer.datamodule.test_dataloader()))[0][: self.num_reconstructions].to(pl_module.device)
-            save_samples(torch.cat([x, pl_module.reconstruct(x)]), self._path(trainer, "reconstructions.png"))
+        """The final grids, drawn in evaluation mode (no dropout, batch norm's running statistics),
+        as the checkpoint is evaluated; Lightning has put the module back in training mode."""
+        pl_module.eval()
+        try:
+            self._save(trainer, pl_module, "samples.png")
+            if hasattr(pl_module, "guide") and len(pl_module.model.data_shape) == 3 and trainer.datamodule is not None:
+                x = next(iter(trainer.datamodule.test_dataloader()))[0][: self.num_reconstructions].to(pl_module.device)
+                save_samples(torch.cat([x, pl_module.reconstruct(x)]), self._path(trainer, "reconstructions.png"))
+        finally:
+            pl_module.train()
 
     @staticmethod
     def _path(trainer, name: str) -> Path:

@@ -97,6 +97,7 @@ class GenerativeModule(pl.LightningModule):
 
     def __init__(self):
         super().__init__()
+        self._max_grad_norm: float | None = None  # of the optimiser stepping (optimizer_update)
         self._epoch_metrics: dict[str, Metric] = {}
         self._records: dict[tuple[str, tuple[str, ...]], list[tuple[Tensor, int]]] = {}
         self._unchecked: dict[str, list[tuple[int, Tensor]]] = {}
@@ -277,9 +278,21 @@ class GenerativeModule(pl.LightningModule):
         step than Lightning's automatic optimisation (its closure and hooks)."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        self._max_grad_norm = max_grad_norm
         optimizer.step()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip here, inside ``optimizer.step()``: under ``16-mixed`` the gradient scaler has unscaled
+        the gradients by now, so the norm clipped is the true one, not one multiplied by the scale."""
+        if self._max_grad_norm is None:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and optimizer.defaults.get("fused"):
+            raise ConfigError(
+                f"grad_clip needs the true gradient norm, but under precision {self.trainer.precision} a fused "
+                f"{type(optimizer).__name__} unscales its gradients only inside its step. Fix: set `fused: false` in the "
+                "optimiser's init_args, use `precision: bf16-mixed` (no gradient scaling), or drop grad_clip."
+            )
+        self.clip_gradients(optimizer, gradient_clip_val=self._max_grad_norm, gradient_clip_algorithm="norm")
 
     def _stopped_hint(self) -> str:
         callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
