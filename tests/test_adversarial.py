@@ -253,6 +253,19 @@ def test_unknown_loss_and_optimiser_names_are_rejected():
         GANModule(grad_clip={"critic": 1.0})
 
 
+@pytest.mark.parametrize("setting, match", [
+    ({"weight_clip": -0.01}, "weight_clip must be a positive"),  # clamp_(0.01, -0.01) would set every weight to -0.01
+    ({"weight_clip": 0.0}, "weight_clip must be a positive"),
+    ({"grad_clip": {"discriminator": 0.0}}, "grad_clip of the discriminator optimiser"),  # Lightning skips a clip <= 0
+    ({"gradient_penalty_weight": -10.0}, "gradient_penalty_weight must be >= 0"),
+    ({"gradient_penalty_weight": float("nan")}, "gradient_penalty_weight must be >= 0"),
+    ({"max_generator_steps": 0}, "max_generator_steps must be at least 1"),
+])
+def test_out_of_range_adversarial_settings_are_rejected(setting, match):
+    with pytest.raises(ConfigError, match=match):
+        GANModule(**setting)
+
+
 def test_every_registered_loss_has_a_readout_rule():
     readouts = {name: loss.readout for name, loss in ADVERSARIAL_LOSSES.items()}
     assert readouts["minimax"] == readouts["non_saturating"] == "density_ratio"

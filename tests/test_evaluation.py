@@ -106,6 +106,21 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     assert different["kid"] > 10 * different["kid_std"] > 0
 
 
+def test_kid_of_fewer_than_1000_samples_is_the_unbiased_mmd_of_all_of_them():
+    """With 500 samples and 500 test points every subset is the whole set: KID is the unbiased
+    MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, computed here directly, with a std of 0."""
+    generator = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(500, 3, generator=generator), torch.randn(500, 3, generator=generator) + 0.5
+    row = METRICS["kid"].compute(gaussian_evaluation(real, fake))
+    r, f = real.double().numpy(), fake.double().numpy()
+    kernel = lambda a, b: (a @ b.T / 3 + 1) ** 3  # noqa: E731
+    m = len(r)
+    off_diagonal_mean = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+    exact = off_diagonal_mean(kernel(r, r)) + off_diagonal_mean(kernel(f, f)) - 2 * kernel(r, f).mean()
+    assert row["kid"] == pytest.approx(exact, rel=1e-6) and row["kid_std"] == pytest.approx(0, abs=1e-9)
+    assert "100 subsets of 500" in row["settings"]
+
+
 def test_kid_subsets_come_from_the_evaluation_seed_not_the_global_random_state():
     generator = torch.Generator().manual_seed(0)
     real, fake = torch.randn(2000, 3, generator=generator), torch.randn(2000, 3, generator=generator) + 0.1

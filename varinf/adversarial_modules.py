@@ -73,6 +73,15 @@ class AdversarialModule(GenerativeModule):
             raise ConfigError(f"Unknown adversarial loss {loss!r}; choose one of {sorted(ADVERSARIAL_LOSSES)}.")
         if n_critic < 1:
             raise ConfigError(f"n_critic must be at least 1, got {n_critic}.")
+        if max_generator_steps is not None and max_generator_steps < 1:
+            raise ConfigError(f"max_generator_steps must be at least 1 (or null for no limit), got {max_generator_steps}.")
+        if not gradient_penalty_weight >= 0:
+            raise ConfigError(f"gradient_penalty_weight must be >= 0 (WGAN-GP: 10), got {gradient_penalty_weight!r}.")
+        if weight_clip is not None and not weight_clip > 0:
+            raise ConfigError(f"weight_clip must be a positive bound c for the critic's weights in [-c, c] (WGAN: 0.01) or null, got {weight_clip!r}.")
+        for name, max_norm in (grad_clip or {}).items():
+            if not max_norm > 0:
+                raise ConfigError(f"grad_clip of the {name} optimiser must be a positive gradient norm (or leave {name} out), got {max_norm!r}.")
         self.loss = ADVERSARIAL_LOSSES[loss]
         self.n_critic, self.gradient_penalty_weight, self.weight_clip = n_critic, gradient_penalty_weight, weight_clip
         self.grad_clip, self.scheduler_factory = dict(grad_clip or {}), scheduler

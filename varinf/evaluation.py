@@ -285,11 +285,13 @@ def fid_metric(evaluation: Evaluation) -> dict:
 @register_metric("kid", needs=["mnist_images"])
 def kid_metric(evaluation: Evaluation) -> dict:
     """Kernel distance (squared MMD, cubic polynomial kernel) on classifier features, mean and std
-    over 100 subsets of 1,000 (Binkowski et al. 2018), via torchmetrics' KernelInceptionDistance.
-    The subsets are drawn from the evaluation's seed, so the value is reproducible."""
+    over 100 subsets of 1,000 (Binkowski et al. 2018; of all the samples when there are fewer), via
+    torchmetrics' KernelInceptionDistance. The subsets are drawn from the evaluation's seed, so the
+    value is reproducible."""
+    subset_size = min(1000, len(evaluation.samples), len(evaluation.data["test"]))
     with seeded(evaluation.seed, evaluation.device):
-        mean, std = _image_distance(KernelInceptionDistance, evaluation, subsets=100, subset_size=1000)
-    return {"kid": float(mean), "kid_std": float(std), "settings": "varinf MNIST classifier features, 100 subsets of 1000"}
+        mean, std = _image_distance(KernelInceptionDistance, evaluation, subsets=100, subset_size=subset_size)
+    return {"kid": float(mean), "kid_std": float(std), "settings": f"varinf MNIST classifier features, 100 subsets of {subset_size}"}
 
 
 @register_metric("precision_recall", needs=["mnist_images"])
