@@ -255,13 +255,20 @@ def test_independent_elbo_implementation_agrees_with_varinf(tmp_path):
     spec = importlib.util.spec_from_file_location("independent_elbo", REPO / "benchmarks" / "independent_elbo.py")
     independent = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(independent)
-    cli = run_fit(tmp_path)
+    cli = run_fit(tmp_path, "--model.init_args.guide.init_args.encoder.init_args.activation=tanh",
+                  "--model.init_args.model.init_args.decoder.init_args.dropout=0.2")
     module = cli.model.eval()
+    recipe = torch.load(Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
+    settings = independent.recomputable_settings(recipe)
+    assert settings == {"encoder": "tanh", "decoder": "relu", "scale_floor": 1e-3}
     x = cli.datamodule.splits["test"][0][:2000]
     with torch.no_grad():
         ours = module.objective.terms(x).negative_elbo.item()
-        theirs = independent.independent_negative_elbo(module.state_dict(), x).mean().item()
+        theirs = independent.independent_negative_elbo(module.state_dict(), x, **settings).mean().item()
     assert ours == pytest.approx(theirs, abs=0.5)
+    recipe["model"]["init_args"]["prior"] = {"class_path": "varinf.NormalPrior", "init_args": {"scale": 5.0}}
+    with pytest.raises(SystemExit, match="prior"):
+        independent.recomputable_settings(recipe)
 
 
 @pytest.mark.parametrize(
