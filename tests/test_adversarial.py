@@ -246,6 +246,15 @@ def test_batch_norm_in_a_gradient_penalised_critic_is_rejected_with_the_fix():
     GANModule(loss="non_saturating", discriminator=lambda i, o: ConvEncoder(i, o, normalization="batch"))
 
 
+def test_a_wasserstein_critic_without_a_lipschitz_constraint_is_rejected_with_the_fixes():
+    with pytest.raises(ConfigError, match="weight_clip: 0.01"):
+        GANModule(loss="wasserstein")
+    GANModule(loss="wasserstein", weight_clip=0.01)
+    GANModule(loss="wasserstein", discriminator=lambda i, o: MLP(i, o, hidden=(8,), spectral_norm=True))
+    GANModule(loss="wasserstein_gp")
+    GANModule(loss="hinge")  # no W1 read-out, no constraint required
+
+
 def test_unknown_loss_and_optimiser_names_are_rejected():
     with pytest.raises(ConfigError, match="choose one of"):
         GANModule(loss="wasserstein_gp_typo")

@@ -94,12 +94,21 @@ class AdversarialModule(GenerativeModule):
     def check_settings(self) -> None:
         """Reject, before training, batch normalisation in a gradient-penalised critic (the penalty
         is per sample, and batch norm makes each output depend on the whole batch; Gulrajani et
-        al. 2017, section 4), gradient clipping of unknown optimisers and bad optimiser settings."""
+        al. 2017, section 4), a Wasserstein critic without a Lipschitz constraint (weight clipping,
+        spectral normalisation or a gradient penalty), gradient clipping of unknown optimisers and
+        bad optimiser settings."""
         if self.loss.gradient_penalty and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.discriminator.modules()):
             raise ConfigError(
                 f"The discriminator of {type(self).__name__} uses batch normalisation, which a gradient-penalised critic "
                 "(loss: wasserstein_gp) must not have. Fix: set `normalization: none` in the discriminator's init_args "
                 "(or use layer norm), or choose a loss without a gradient penalty."
+            )
+        lipschitz = self.loss.gradient_penalty or self.weight_clip is not None or any(map(nn.utils.parametrize.is_parametrized, self.discriminator.modules()))
+        if self.loss.readout == "critic" and not lipschitz:
+            raise ConfigError(
+                f"A Wasserstein critic must be Lipschitz (its value is a W1 estimate only then), but {type(self).__name__}'s has no "
+                "constraint. Fix: set `weight_clip: 0.01` (WGAN), `spectral_norm: true` in the discriminator's init_args, "
+                "or `loss: wasserstein_gp` (a gradient penalty)."
             )
         unknown = set(self.grad_clip) - set(self.optimizer_factories)
         if unknown:
