@@ -286,7 +286,7 @@ class GenerativeModule(pl.LightningModule):
         the gradients by now, so the norm clipped is the true one, not one multiplied by the scale."""
         if self._max_grad_norm is None:
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None and optimizer.defaults.get("fused"):
+        if self.trainer.scaler is not None and optimizer.defaults.get("fused"):
             raise ConfigError(
                 f"grad_clip needs the true gradient norm, but under precision {self.trainer.precision} a fused "
                 f"{type(optimizer).__name__} unscales its gradients only inside its step. Fix: set `fused: false` in the "
