@@ -190,7 +190,7 @@ def markdown(table: dict, sanity: dict, meta: dict) -> str:
         lines += ["", "Published: " + "; ".join(published) + "."]
     lines += ["", (
         f"Machine: {meta['machine']}; {meta['workers']} tasks at a time, {meta['threads_per_task']} threads each (s/epoch is per task). "
-        f"Versions: {meta['versions']}; commit {', '.join(c[:10] for c in meta['commits'])}. "
+        f"Versions: {meta['versions']}; commits: " + "; ".join(f"{model} {', '.join(c[:10] for c in commits)}" for model, commits in meta["commits"].items()) + ". "
         f"Task time {meta['task_minutes']:.0f} min; this command's wall time {meta['minutes']:.0f} min (tasks kept from an earlier run not counted)."
         + (f" Rows of {', '.join(meta['kept'])} kept from the earlier table (not refitted by this run)." if meta.get("kept") else "")
     ), ""]
@@ -245,12 +245,12 @@ def kept_rows(path: Path, budget: dict, refitted: list[str]) -> dict:
     so that refitting some models rewrites their rows and keeps the others."""
     previous = json.loads(path.read_text()) if path.exists() else None
     if previous is None or previous["meta"]["seeds"] != budget["seeds"]:
-        return {"per_seed": {}, "curves": {}, "commits": []}
+        return {"per_seed": {}, "curves": {}, "commits": {}}
     kept = [model for model in previous["per_seed"] if model in budget["models"] and model not in refitted]
     return {
         "per_seed": {model: previous["per_seed"][model] for model in kept},
         "curves": {model: curves for model, curves in previous.get("curves", {}).items() if model in kept},
-        "commits": previous["meta"]["commits"] if kept else [],
+        "commits": {model: previous["meta"]["commits"][model] for model in kept},
     }
 
 
@@ -353,7 +353,7 @@ def main() -> None:
             f"(k={budget['evaluation']['k']}) in nats on the model's own binarisation; parzen in nats; fid/kid/precision/recall/classes "
             "on varinf's MNIST classifier features; divergences from a fresh post-hoc discriminator."
         ),
-        "commits": sorted({result["commit"] for result in results.values()} | set(kept["commits"])),
+        "commits": {model: kept["commits"][model] if model in kept["commits"] else sorted({results[(model, seed)]["commit"] for seed in budget["seeds"]}) for model in per_seed},
         "workers": args.workers,
         "threads_per_task": sorted({result["threads"] for result in results.values()}),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {'CUDA' if torch.cuda.is_available() else 'no GPU'}",
