@@ -335,9 +335,9 @@ def main() -> None:
     first_runs = {model: task_result(model, budget["seeds"][0], args.budget).parent for model in args.models}
     for model, run in first_runs.items():
         shutil.copyfile(run / "samples_100.png", RESULTS / f"elbo_vs_adversarial{suffix}_samples_{model}.png")
-    adversarial = {model: run for model, run in first_runs.items() if not budget["models"][model][0].startswith(("vae", "iwae"))}
-    curves = {**kept["curves"], **{model: divergence_curves(run) for model, run in adversarial.items()}}
-    curves = {model: curves[model] for model in per_seed if model in curves}  # in the table's order
+    adversarial = [model for model in per_seed if not budget["models"][model][0].startswith(("vae", "iwae"))]  # in the table's order
+    curves = {**kept["curves"], **{model: divergence_curves(first_runs[model]) for model in adversarial if model in first_runs}}
+    curves = {model: curves[model] for model in adversarial if model in curves}
     sanity = sanity_rows(budget["evaluation"])
     meta = {
         "budget": args.budget,
@@ -364,7 +364,12 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "per_seed": per_seed, "curves": curves, "sanity": sanity}, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(table, sanity, meta))
     plot_metrics(table, sanity, RESULTS / f"elbo_vs_adversarial{suffix}_metrics.png")
-    plot_divergence_curves(curves, RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png")
+    divergence_figure = RESULTS / f"elbo_vs_adversarial{suffix}_divergences.png"
+    without_curves = [model for model in adversarial if model not in curves]
+    if without_curves:  # kept rows from a table written before the curves were stored with it
+        print(f"Keeping {divergence_figure}: the kept rows of {without_curves} have no stored divergence curves; refit them to redraw it.", flush=True)
+    else:
+        plot_divergence_curves(curves, divergence_figure)
     print(stem.with_suffix(".md").read_text())
 
 
