@@ -126,16 +126,20 @@ class RecordSteps(Callback):
         STEPS_STARTED.append(trainer.global_step)
 
 
-def test_a_nan_stops_training_within_max_unchecked_steps_whatever_the_logging_interval(tmp_path, monkeypatch):
-    """With a logging interval longer than the epoch, a NaN at step 2 still stops the fit once
-    MAX_UNCHECKED_STEPS (here 4) losses wait unchecked, not at the epoch's end."""
+@pytest.mark.parametrize("log_every_n_steps", [1000, 0])  # longer than the epoch; 0: no step logging
+def test_a_nan_stops_training_within_max_unchecked_steps_whatever_the_logging_interval(tmp_path, monkeypatch, log_every_n_steps):
+    """With a logging interval longer than the epoch, or none, a NaN at step 2 still stops the fit
+    once MAX_UNCHECKED_STEPS (here 4) losses wait unchecked, not at the epoch's end. No checkpoint
+    exists yet, so the message says to fit again, not to resume."""
     monkeypatch.setattr(modules, "MAX_UNCHECKED_STEPS", 4)
     STEPS_STARTED.clear()
     callbacks = json.dumps([{"class_path": "test_reliability.PoisonAt", "init_args": {"step": 2}}, {"class_path": "test_reliability.RecordSteps"}])
-    with pytest.raises(NumericalError, match="the training loss at step 2"):
+    with pytest.raises(NumericalError, match="the training loss at step 2") as error:
         fit(["fit", "--config", str(REPO / "recipes" / "vae_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=40",
-             "--trainer.log_every_n_steps=1000", *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks={callbacks}"])
+             f"--trainer.log_every_n_steps={log_every_n_steps}", *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}",
+             f"--trainer.callbacks={callbacks}"])
     assert STEPS_STARTED == [0, 1, 2, 3]
+    assert "before its first checkpoint; fit again" in str(error.value) and "--resume" not in str(error.value)
 
 
 def test_a_nan_in_a_gan_names_each_phase_loss_at_its_first_bad_step(tmp_path):
@@ -217,8 +221,18 @@ def test_a_damaged_checkpoint_is_named_with_the_other_checkpoints_of_its_run(tmp
                  *BUDGET, f"--trainer.logger.init_args.save_dir={tmp_path}"]
     main(arguments)
     last = tmp_path / "vae_mnist" / "version_0" / "checkpoints" / "last.ckpt"
-    last.write_bytes(last.read_bytes()[:1000])
-    for command in (arguments + ["--resume"], ["evaluate", "--ckpt", str(last), "--metrics", "nll", "--k", "2"]):
-        with pytest.raises(SystemExit) as error:
-            main(command)
-        assert f"The checkpoint {last} cannot be read" in str(error.value.code) and "best.ckpt" in str(error.value.code)
+    intact = last.read_bytes()
+    not_a_checkpoint = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, not_a_checkpoint)
+    damages = {  # what replaces last.ckpt: the message that names it
+        "truncated": (intact[:1000], "cannot be read"),
+        "empty": (b"", "cannot be read"),
+        "text": (b"epoch 3, loss 91.2\n", "cannot be read"),
+        "another torch file": (not_a_checkpoint.read_bytes(), "is a torch file but not a checkpoint written by `varinf fit` (it has no state_dict, epoch"),
+    }
+    for damaged, message in damages.values():
+        last.write_bytes(damaged)
+        for command in (arguments + ["--resume"], ["evaluate", "--ckpt", str(last), "--metrics", "nll", "--k", "2"]):
+            with pytest.raises(SystemExit) as error:
+                main(command)
+            assert f"{last} {message}" in str(error.value.code) and "best.ckpt" in str(error.value.code)

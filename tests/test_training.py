@@ -525,18 +525,22 @@ def no_host_copies():
             setattr(torch.Tensor, name, method)
 
 
-@pytest.mark.parametrize("kind", ["vae", "gan"])
+@pytest.mark.parametrize("kind", ["vae", "gan", "aae"])
 def test_a_training_step_copies_nothing_to_the_host(kind):
     """What varinf runs per step (the step with its optimiser steps, metrics and NaN watches, and
     the gradient hook) never syncs with the device; values reach the host every
     log_every_n_steps batches, at epoch ends and at checkpoints."""
     import pytorch_lightning as pl
 
-    from varinf import GANModule, MNISTDataModule, RingDataModule
+    from varinf import AAEModule, DeltaEncoderGuide, GANModule, MixtureOfGaussiansPrior, MNISTDataModule, RingDataModule
 
     network = lambda i, o: MLP(i, o, hidden=(32,))  # noqa: E731
     if kind == "vae":
         module, data = small_vae(), MNISTDataModule(binarize="dynamic", batch_size=32)
+    elif kind == "aae":  # the paper recipe's deterministic encoder, and a prior sampled through a Categorical
+        module = AAEModule(latent_dim=2, guide=lambda shape, dim: DeltaEncoderGuide(shape, dim, encoder=network), discriminator=network,
+                           model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network, prior=MixtureOfGaussiansPrior))
+        data = MNISTDataModule(binarize="dynamic", batch_size=32)
     else:
         module = GANModule(data_shape=(2,), latent_dim=2, model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=network, likelihood=lambda: GaussianLikelihood()),
                            discriminator=network)
@@ -552,7 +556,7 @@ def test_a_training_step_copies_nothing_to_the_host(kind):
 
         setattr(module, name, checked)
     module.configure_callbacks = list
-    trainer = pl.Trainer(accelerator="cpu", max_steps=6, limit_val_batches=0, log_every_n_steps=1000, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=9, limit_val_batches=0, log_every_n_steps=1000, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     assert calls.count("training_step") >= 3

@@ -227,7 +227,7 @@ class DeltaEncoderGuide(_AmortizedGuide):
         self.encoder = encoder(self.data_shape, (latent_dim,))
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
-        return dist.Delta(self.encode(x), event_dim=1)
+        return dist.Delta(self.encode(x), event_dim=1, validate_args=False)
 
 
 GuideFactory = Callable[[Sequence[int], int], nn.Module]

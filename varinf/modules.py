@@ -3,7 +3,6 @@
 import ctypes
 import importlib
 import os
-import pickle
 import random
 import sys
 import time
@@ -231,8 +230,9 @@ class GenerativeModule(pl.LightningModule):
             raise NumericalError(f"NaN or inf in training at epoch {self.current_epoch}: {'; '.join(parts)}. {self._stopped_hint()}")
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        # Lightning writes step metrics when (batches done + 1) % log_every_n_steps == 0
-        self._log_this_step = (self.trainer.fit_loop.total_batch_idx + 1) % self.trainer.log_every_n_steps == 0
+        # Lightning writes step metrics when (batches done + 1) % log_every_n_steps == 0, never when it is 0
+        every = self.trainer.log_every_n_steps
+        self._log_this_step = every > 0 and (self.trainer.fit_loop.total_batch_idx + 1) % every == 0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._log_this_step:
@@ -297,11 +297,10 @@ class GenerativeModule(pl.LightningModule):
     def _stopped_hint(self) -> str:
         callbacks = self.trainer.checkpoint_callbacks if self._trainer is not None else []
         last = next((callback.best_model_path for callback in callbacks if Path(callback.best_model_path).name == "last.ckpt"), "")
-        where = f"The last good checkpoint is {last}" if last else "No checkpoint was written yet"
-        return (
-            f"Training stopped without a further step or checkpoint. {where}; resume from it with --resume "
-            "after lowering the learning rate, clipping gradients (grad_clip) or checking the data."
-        )
+        cures = "lowering the learning rate, clipping gradients (grad_clip) or checking the recipe's settings and the data"
+        if not last:
+            return f"Training stopped before its first checkpoint; fit again after {cures}."
+        return f"Training stopped without a further step or checkpoint. The last good checkpoint is {last}; resume from it with --resume after {cures}."
 
     def build_guide(self, guide: GuideFactory, needs: Sequence[str]) -> None:
         """Build ``self.guide`` for ``self.model``, check that it has the capabilities ``needs``, and
@@ -471,17 +470,27 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+CHECKPOINT_KEYS = ("state_dict", "epoch", "pytorch-lightning_version")
+"""Keys every Lightning checkpoint has; :func:`read_checkpoint` refuses a torch file without them."""
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """The contents of a checkpoint file (on the CPU), or a :class:`DataError` naming the file and
-    the fix when it is missing, truncated or not a checkpoint."""
+    the fix when it is missing, truncated, damaged or not a checkpoint written by ``varinf fit``."""
+    others = sorted(str(other) for other in Path(path).parent.glob("*.ckpt") if other != Path(path))
+    fix = f"Other checkpoints of this run: {', '.join(others)} (use one with --ckpt_path or --ckpt)." if others else ""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        others = sorted(str(other) for other in Path(path).parent.glob("*.ckpt") if other != Path(path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged file fails anywhere in the unpickler, with any exception type
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataError(f"The checkpoint {path} cannot be read ({reason}): it is missing, truncated or not a checkpoint. {fix}") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
         raise DataError(
-            f"The checkpoint {path} cannot be read ({str(error).splitlines()[0]}): it is missing, truncated or not a checkpoint. "
-            + (f"Other checkpoints of this run: {', '.join(others)} (use one with --ckpt_path or --ckpt)." if others else "")
-        ) from None
+            f"{path} is a torch file but not a checkpoint written by `varinf fit` (it has no {', '.join(missing)}): "
+            f"pass a run's runs/<name>/version_N/checkpoints/last.ckpt. {fix}"
+        )
+    return checkpoint
 
 
 IMPORT_PATHS_KEY = "varinf_import_paths"

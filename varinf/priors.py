@@ -49,7 +49,7 @@ class DiagonalNormalMixture(dist.TorchDistribution):
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         with torch.no_grad():
-            k = dist.Categorical(logits=self.logits).sample(sample_shape)
+            k = dist.Categorical(logits=self.logits, validate_args=False).sample(sample_shape)
             return self.locs[k] + self.scales[k] * torch.randn_like(self.locs[k])
 
 
@@ -185,7 +185,7 @@ class VampPrior(nn.Module):
         uniform = torch.zeros(components.batch_shape, device=self.raw_pseudo_inputs.device)
         if isinstance(components, dist.Independent) and isinstance(components.base_dist, dist.Normal):
             return DiagonalNormalMixture(components.base_dist.loc, components.base_dist.scale, uniform)
-        return dist.MixtureSameFamily(dist.Categorical(logits=uniform), components, validate_args=False)
+        return dist.MixtureSameFamily(dist.Categorical(logits=uniform, validate_args=False), components, validate_args=False)
 
 
 PriorFactory = Callable[[int], nn.Module]
