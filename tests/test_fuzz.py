@@ -3,19 +3,25 @@ points fail only with varinf's documented errors (a recipe error exits with a me
 traceback from inside a library)."""
 
 import json
+import re
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from varinf import (
+    MLP,
     ConfigError,
+    ConvEncoder,
     DataError,
     ELBOLoss,
     GaussianEncoderGuide,
+    GaussianLikelihood,
     LatentVariableModel,
+    NormalPrior,
 )
 from varinf.cli import main
 from varinf.data import read_idx
@@ -72,3 +78,30 @@ def test_batches_of_any_shape_are_accepted_or_refused_with_a_data_error(shape, i
         assert tuple(shape[1:]) != (3,) or shape[0] == 0
     else:
         assert tuple(shape[1:]) == (3,) and loss.shape == ()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=5), convolutional=st.booleans())
+def test_networks_refuse_inputs_that_do_not_end_in_their_input_shape(shape, convolutional):
+    in_shape = (1, 4, 4)
+    network = ConvEncoder(in_shape, (2,), channels=2) if convolutional else MLP(in_shape, (2,), hidden=(3,))
+    try:
+        out = network(torch.rand(shape))
+    except DataError as error:
+        assert tuple(shape[-3:]) != in_shape or len(shape) < 3
+        assert f"{type(network).__name__} expects inputs of shape (..., 1, 4, 4), got {tuple(shape)}" in str(error)
+    else:
+        assert tuple(shape[-3:]) == in_shape and out.shape == (*shape[:-3], 2)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: GaussianLikelihood(scale=float("nan")), "finite scale > 0"),
+    (lambda: GaussianLikelihood(scale=float("inf")), "finite scale > 0"),
+    (lambda: NormalPrior(2, scale=float("inf")), "finite positive scale"),
+    (lambda: GaussianEncoderGuide((3,), 2, scale_floor=float("nan")), "scale_floor must be a finite number >= 0"),
+    (lambda: MLP((3,), (2,), hidden=(4,), normalization="layer"), "normalization must be 'batch' or 'none', got 'layer'"),
+    (lambda: ConvEncoder((1, 4, 4), (2,), normalization="layer"), "normalization must be 'batch' or 'none', got 'layer'"),
+])
+def test_non_finite_or_unknown_settings_are_refused(build, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build()

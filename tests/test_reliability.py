@@ -190,6 +190,11 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
         ("aae_mnist", "--model.init_args.guide.class_path=varinf.FlowGuide", None),  # has what the AAE needs: fits
         ("vae_mnist", "--model.init_args.guide.class_path=varinf.DeltaEncoderGuide", "needs a guide with density"),
         ("vae_mnist", "--trainer.max_epochs=-5", "`max_epochs` must be a non-negative integer or -1"),
+        ("vae_mnist", "--model.init_args.beta=.nan", "a finite beta > 0, a finite kl_warmup_epochs >= 0"),
+        ("vae_mnist", "--model.init_args.kl_warmup_epochs=.inf", "a finite beta > 0, a finite kl_warmup_epochs >= 0"),
+        ("vae_mnist", "--model.init_args.guide.init_args.scale_floor=-0.5", "scale_floor must be a finite number >= 0, got -0.5"),
+        ("ali_mnist", "--model.init_args.loss=minimax", "would play the same game as `loss: non_saturating`"),
+        ("dcgan_mnist", "--data=varinf.RingDataModule", "RingDataModule serves datapoints of shape (2,), but GANModule was built for (1, 28, 28)"),
     ],
 )
 def test_impossible_recipe_values_are_refused_before_training(tmp_path, capsys, recipe, override, message):

@@ -100,8 +100,8 @@ class AdversarialModule(GenerativeModule):
         if self.loss.gradient_penalty and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.discriminator.modules()):
             raise ConfigError(
                 f"The discriminator of {type(self).__name__} uses batch normalisation, which a gradient-penalised critic "
-                "(loss: wasserstein_gp) must not have. Fix: set `normalization: none` in the discriminator's init_args "
-                "(or use layer norm), or choose a loss without a gradient penalty."
+                "(loss: wasserstein_gp) must not have. Fix: set `normalization: none` in the discriminator's init_args, "
+                "or choose a loss without a gradient penalty."
             )
         lipschitz = self.loss.gradient_penalty or self.weight_clip is not None or any(map(nn.utils.parametrize.is_parametrized, self.discriminator.modules()))
         if self.loss.readout == "critic" and not lipschitz:
@@ -397,6 +397,11 @@ class ALIModule(AdversarialModule):
         scheduler: LRSchedulerCallable | None = None,
         max_generator_steps: int | None = None,
     ):
+        if loss == "minimax":
+            raise ConfigError(
+                "ALIModule trains its encoder and generator on the discriminator's loss with real and fake swapped (the ALI paper's "
+                "game), so `loss: minimax` would play the same game as `loss: non_saturating`. Fix: use `loss: non_saturating`."
+            )
         super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)

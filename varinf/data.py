@@ -247,6 +247,7 @@ class TensorDataModule(pl.LightningDataModule):
     """
 
     data_shape: tuple[int, ...]
+    """The shape of one datapoint; a module built for another shape refuses the data (``GenerativeModule.setup``)."""
     value_range: tuple[float, float] | None = None
     """The interval every datapoint lies in (checked by ``setup``), or None."""
 

@@ -22,6 +22,7 @@ what they need when the module is built (:func:`require_capabilities`), so a mis
 is a clear error before training, not a failure inside Pyro.
 """
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import pyro
@@ -87,6 +88,13 @@ def posterior_location(q: dist.Distribution) -> Tensor:
         return z
 
 
+def checked_scale_floor(scale_floor: float) -> float:
+    """``scale_floor``, the smallest posterior standard deviation, refused unless finite and >= 0."""
+    if not 0 <= scale_floor < math.inf:
+        raise ConfigError(f"scale_floor must be a finite number >= 0, got {scale_floor!r}.")
+    return scale_floor
+
+
 class _AmortizedGuide(PyroModule):
     """Shared plumbing: check the batch shape, then sample ``posterior(x)`` at the latent site."""
 
@@ -125,7 +133,7 @@ class GaussianEncoderGuide(_AmortizedGuide):
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int, encoder: NetworkFactory = MLP, scale_floor: float = 1e-3):
         super().__init__(data_shape, latent_dim)
-        self.scale_floor = scale_floor
+        self.scale_floor = checked_scale_floor(scale_floor)
         self.encoder = encoder(self.data_shape, (2, latent_dim))
 
     def gaussian_parameters(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,7 +156,7 @@ class FullCovarianceGaussianGuide(_AmortizedGuide):
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int, encoder: NetworkFactory = MLP, scale_floor: float = 1e-3):
         super().__init__(data_shape, latent_dim)
-        self.scale_floor = scale_floor
+        self.scale_floor = checked_scale_floor(scale_floor)
         self.encoder = encoder(self.data_shape, (latent_dim + latent_dim * (latent_dim + 1) // 2,))
         self.register_buffer("tril_indices", torch.tril_indices(latent_dim, latent_dim), persistent=False)
 
@@ -195,7 +203,7 @@ class FlowGuide(_AmortizedGuide):
         super().__init__(data_shape, latent_dim)
         if flow not in FLOWS or num_flows < 1:
             raise ConfigError(f"FlowGuide needs flow in {sorted(FLOWS)} and num_flows >= 1; got flow={flow!r}, num_flows={num_flows}.")
-        self.scale_floor, self.flow = scale_floor, flow
+        self.scale_floor, self.flow = checked_scale_floor(scale_floor), flow
         self.encoder = encoder(self.data_shape, (3, latent_dim))
         self.steps = nn.ModuleList(FLOWS[flow](latent_dim, latent_dim, hidden_dims=list(hidden)) for _ in range(num_flows))
         self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1), persistent=False)

@@ -5,6 +5,7 @@ with ``init_args`` for its settings) whose forward takes the decoder output, sha
 returns a distribution with one independent factor per pixel. The model adds ``to_event``.
 """
 
+import math
 from collections.abc import Callable
 
 import pyro.distributions as dist
@@ -68,8 +69,8 @@ class GaussianLikelihood(nn.Module):
 
     def __init__(self, scale: float = 0.1, learn_scale: bool = False):
         super().__init__()
-        if scale <= 0:
-            raise ConfigError(f"GaussianLikelihood needs scale > 0, got {scale}.")
+        if not 0 < scale < math.inf:
+            raise ConfigError(f"GaussianLikelihood needs a finite scale > 0, got {scale}.")
         log_scale = torch.tensor(float(scale)).log()
         if learn_scale:
             self.log_scale = nn.Parameter(log_scale)

@@ -2,6 +2,7 @@
 
 import ctypes
 import importlib
+import math
 import os
 import random
 import sys
@@ -114,11 +115,19 @@ class GenerativeModule(pl.LightningModule):
         return [best, latest, ImageGrids()]  # the first is Lightning's checkpoint_callback: ckpt_path="best"
 
     def setup(self, stage: str) -> None:
-        """Before a fit, a prior that starts from data (a VampPrior's pseudo-inputs) takes its
-        starting points from the training split. Lightning restores a checkpoint after ``setup``,
-        so a resumed fit keeps the checkpoint's prior."""
-        initialise = getattr(getattr(self.model, "prior", None), "initialise_from_data", None)
+        """Refuse data whose datapoints have another shape than the model's. Before a fit, a prior
+        that starts from data (a VampPrior's pseudo-inputs) takes its starting points from the
+        training split. Lightning restores a checkpoint after ``setup``, so a resumed fit keeps the
+        checkpoint's prior."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
+        data_shape = getattr(datamodule, "data_shape", None)
+        if data_shape is not None and tuple(data_shape) != tuple(self.model.data_shape):
+            raise ConfigError(
+                f"{type(datamodule).__name__} serves datapoints of shape {tuple(data_shape)}, but {type(self).__name__} was built for "
+                f"{tuple(self.model.data_shape)}. Fix: set the model's data_shape to {list(data_shape)} (with networks for that shape, as "
+                "in the recipes for that data), or choose data of the model's shape."
+            )
+        initialise = getattr(getattr(self.model, "prior", None), "initialise_from_data", None)
         if stage == "fit" and initialise is not None and hasattr(datamodule, "splits"):
             datamodule.setup(stage)
             initialise(datamodule.splits["train"][0])
@@ -379,9 +388,9 @@ class VAEModule(GenerativeModule):
         super().__init__()
         if grad_clip is not None and not grad_clip > 0:
             raise ConfigError(f"grad_clip must be a positive gradient norm (or null), got {grad_clip!r}.")
-        if beta <= 0 or kl_warmup_epochs < 0 or num_particles < 1 or latent_dim < 1 or objective not in OBJECTIVES:
+        if not 0 < beta < math.inf or not 0 <= kl_warmup_epochs < math.inf or num_particles < 1 or latent_dim < 1 or objective not in OBJECTIVES:
             raise ConfigError(
-                f"VAEModule needs beta > 0, kl_warmup_epochs >= 0, num_particles >= 1, latent_dim >= 1 and objective in {sorted(OBJECTIVES)}; "
+                f"VAEModule needs a finite beta > 0, a finite kl_warmup_epochs >= 0, num_particles >= 1, latent_dim >= 1 and objective in {sorted(OBJECTIVES)}; "
                 f"got beta={beta}, kl_warmup_epochs={kl_warmup_epochs}, num_particles={num_particles}, latent_dim={latent_dim}, objective={objective!r}."
             )
         self.save_hyperparameters()

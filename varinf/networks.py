@@ -89,16 +89,25 @@ class MLP(nn.Module):
         self.in_features = widths[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        batch_shape = x.shape[: x.dim() - len(self.in_shape)]
-        if tuple(x.shape[len(batch_shape) :]) != self.in_shape:
-            raise DataError(f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}.")
+        batch_shape = _batch_shape(self, x)
         return self.layers(x.reshape(-1, self.in_features)).reshape(*batch_shape, *self.out_shape)
+
+
+def _batch_shape(network: nn.Module, x: Tensor) -> tuple[int, ...]:
+    """The leading dimensions of ``x``, which must end in ``network.in_shape``; else a
+    :class:`DataError` naming the network and both shapes."""
+    batch_shape = tuple(x.shape[: max(x.dim() - len(network.in_shape), 0)])
+    if tuple(x.shape[len(batch_shape) :]) != network.in_shape:
+        raise DataError(f"{type(network).__name__} expects inputs of shape (..., {', '.join(map(str, network.in_shape))}), got {tuple(x.shape)}.")
+    return batch_shape
 
 
 def _normalization(kind: str, channels: int, dims: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-    return nn.Identity()
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"normalization must be 'batch' or 'none', got {kind!r}.")
 
 
 class ConvEncoder(nn.Module):
@@ -132,7 +141,7 @@ class ConvEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        batch_shape = x.shape[: x.dim() - 3]
+        batch_shape = _batch_shape(self, x)
         return self.layers(x.reshape(-1, *self.in_shape)).reshape(*batch_shape, *self.out_shape)
 
 

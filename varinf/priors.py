@@ -72,8 +72,8 @@ class NormalPrior(nn.Module):
 
     def __init__(self, latent_dim: int, scale: float = 1.0):
         super().__init__()
-        if not scale > 0:
-            raise ConfigError(f"NormalPrior needs a positive scale; got {scale}.")
+        if not 0 < scale < math.inf:
+            raise ConfigError(f"NormalPrior needs a finite positive scale; got {scale}.")
         self.register_buffer("loc", torch.zeros(latent_dim))
         self.register_buffer("scale", torch.full((latent_dim,), float(scale)))
         self._distribution: dist.Independent | None = None
