@@ -241,3 +241,12 @@ def test_a_damaged_checkpoint_is_named_with_the_other_checkpoints_of_its_run(tmp
             with pytest.raises(SystemExit) as error:
                 main(command)
             assert f"{last} {message}" in str(error.value.code) and "best.ckpt" in str(error.value.code)
+
+
+def test_a_data_folder_for_data_that_reads_no_files_is_refused(tmp_path):
+    main(["fit", "--config", str(REPO / "recipes" / "gan_ring.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", *BUDGET,
+          f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    (last,) = tmp_path.glob("gan_ring/version_0/checkpoints/last.ckpt")
+    with pytest.raises(SystemExit) as error:
+        main(["evaluate", "--ckpt", str(last), "--data_dir", str(tmp_path), "--metrics", "parzen"])
+    assert "--data_dir does not apply to this checkpoint's data, RingDataModule, which reads no files: drop --data_dir." in str(error.value.code)

@@ -32,7 +32,7 @@ from varinf.evaluation import (
     run_metrics,
     supported_metrics,
 )
-from varinf.modules import IMPORT_PATHS_KEY, import_class, load_module, read_checkpoint
+from varinf.modules import IMPORT_PATHS_KEY, default_device, import_class, load_module, read_checkpoint
 
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
@@ -194,10 +194,6 @@ def _check_checkpoint(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"no checkpoint at {path}; `varinf fit` writes them to runs/<name>/version_N/checkpoints/")
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def evaluate(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="varinf evaluate", description=f"Evaluate a checkpoint with registered metrics ({', '.join(METRICS)}); each appends a JSON line to the run folder.")
     parser.add_argument("--ckpt", required=True, help="checkpoint written by varinf fit")
@@ -249,7 +245,7 @@ def sample(argv: list[str]) -> None:
     if args.n < 1:
         parser.error(f"--n must be at least 1, got {args.n}")
     _check_checkpoint(parser, args.ckpt)
-    module = load_module(args.ckpt, map_location=_device()).eval()
+    module = load_module(args.ckpt, map_location=default_device()).eval()
     torch.manual_seed(args.seed)
     save_samples(module.generate(module.sample_latents(args.n)), Path(args.out))
     print(f"Wrote {args.n} samples to {args.out}")

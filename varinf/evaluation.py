@@ -6,6 +6,7 @@ samples (decoder means: pixel probabilities for a Bernoulli decoder) with the gr
 test images, so every model is measured on one scale.
 """
 
+import inspect
 import json
 import math
 import time
@@ -26,7 +27,7 @@ from varinf.classifier import MNISTClassifier, load_classifier
 from varinf.errors import ConfigError
 from varinf.guides import guide_capabilities
 from varinf.metrics import class_coverage, knn_precision_recall, parzen_log_likelihood
-from varinf.modules import import_class, load_module, read_checkpoint
+from varinf.modules import default_device, import_class, load_module, read_checkpoint
 from varinf.objectives import log_importance_weights
 from varinf.seeding import seeded
 
@@ -158,6 +159,8 @@ def datamodule_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None
     hparams.pop("_instantiator", None)
     data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
     if data_dir is not None:
+        if "data_dir" not in inspect.signature(data_class).parameters:
+            raise ConfigError(f"--data_dir does not apply to this checkpoint's data, {data_class.__name__}, which reads no files: drop --data_dir.")
         hparams["data_dir"] = data_dir
     return data_class(**hparams)
 
@@ -173,7 +176,7 @@ def unbinarized_images(datamodule) -> dict[str, Tensor]:
 def evaluation_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None = None, device: torch.device | None = None, **settings) -> Evaluation:
     """An :class:`Evaluation` of a checkpoint written by ``varinf fit``; ``settings`` are
     :class:`Evaluation` fields (``num_samples``, ``k``, ...)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     module = load_module(checkpoint_path, map_location=device).eval()
     datamodule = datamodule_from_checkpoint(checkpoint_path, data_dir)
     datamodule.setup("test")

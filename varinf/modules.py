@@ -506,6 +506,11 @@ IMPORT_PATHS_KEY = "varinf_import_paths"
 """Checkpoint key of the recipe folders whose Python files the fitted classes came from."""
 
 
+def default_device() -> torch.device:
+    """Where ``varinf evaluate`` and ``varinf sample`` run: the GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_module(checkpoint_path: str, map_location: str | torch.device = "cpu") -> pl.LightningModule:
     """Rebuild the LightningModule stored in a checkpoint written by ``varinf fit`` (classes from
     files beside the recipe, such as a user's guide, are imported from the recipe's folder)."""
