@@ -491,13 +491,13 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails anywhere in the unpickler, with any exception type
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
-        raise DataError(f"The checkpoint {path} cannot be read ({reason}): it is missing, truncated or not a checkpoint. {fix}") from None
+        reason = ": ".join([type(error).__name__, *str(error).splitlines()[:1]])
+        raise DataError(f"The checkpoint {path} cannot be read ({reason}): it is missing, truncated or not a checkpoint. {fix}".rstrip()) from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise DataError(
             f"{path} is a torch file but not a checkpoint written by `varinf fit` (it has no {', '.join(missing)}): "
-            f"pass a run's runs/<name>/version_N/checkpoints/last.ckpt. {fix}"
+            f"pass a run's runs/<name>/version_N/checkpoints/last.ckpt. {fix}".rstrip()
         )
     return checkpoint
 
