@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from varinf import (
     MLP,
     ConfigError,
+    ConvDecoder,
     ConvEncoder,
     DataError,
     ELBOLoss,
@@ -80,18 +81,27 @@ def test_batches_of_any_shape_are_accepted_or_refused_with_a_data_error(shape, i
         assert tuple(shape[1:]) == (3,) and loss.shape == ()
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(shape=st.lists(st.integers(0, 4), min_size=0, max_size=5), convolutional=st.booleans())
-def test_networks_refuse_inputs_that_do_not_end_in_their_input_shape(shape, convolutional):
-    in_shape = (1, 4, 4)
-    network = ConvEncoder(in_shape, (2,), channels=2) if convolutional else MLP(in_shape, (2,), hidden=(3,))
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batch=st.lists(st.integers(0, 3), max_size=2),
+    item=st.sampled_from([(1, 4, 4), (1, 4, 4), (4, 4), (1, 4, 5), (16,), (2, 4, 4), ()]),
+    network=st.sampled_from(["mlp", "conv_encoder", "conv_decoder"]),
+)
+def test_networks_refuse_inputs_that_do_not_end_in_their_input_shape(batch, item, network):
+    in_shape = (16,) if network == "conv_decoder" else (1, 4, 4)
+    built = {
+        "mlp": lambda: MLP(in_shape, (2,), hidden=(3,)),
+        "conv_encoder": lambda: ConvEncoder(in_shape, (2,), channels=2),
+        "conv_decoder": lambda: ConvDecoder(in_shape, (1, 4, 4), channels=2, normalization="none"),
+    }[network]()
+    shape = (*batch, *item)
     try:
-        out = network(torch.rand(shape))
+        out = built(torch.rand(shape))
     except DataError as error:
-        assert tuple(shape[-3:]) != in_shape or len(shape) < 3
-        assert f"{type(network).__name__} expects inputs of shape (..., 1, 4, 4), got {tuple(shape)}" in str(error)
+        assert shape[len(shape) - len(in_shape):] != in_shape or len(shape) < len(in_shape)
+        assert f"{type(built).__name__} expects inputs of shape (..., {', '.join(map(str, in_shape))}), got {shape}" in str(error)
     else:
-        assert tuple(shape[-3:]) == in_shape and out.shape == (*shape[:-3], 2)
+        assert shape[len(shape) - len(in_shape):] == in_shape and out.shape == (*shape[: len(shape) - len(in_shape)], *built.out_shape)
 
 
 @pytest.mark.parametrize("build, message", [
@@ -100,6 +110,7 @@ def test_networks_refuse_inputs_that_do_not_end_in_their_input_shape(shape, conv
     (lambda: NormalPrior(2, scale=float("inf")), "finite positive scale"),
     (lambda: GaussianEncoderGuide((3,), 2, scale_floor=float("nan")), "scale_floor must be a finite number >= 0"),
     (lambda: MLP((3,), (2,), hidden=(4,), normalization="layer"), "normalization must be 'batch' or 'none', got 'layer'"),
+    (lambda: MLP((3,), (2,), hidden=(), normalization="layer"), "normalization must be 'batch' or 'none', got 'layer'"),
     (lambda: ConvEncoder((1, 4, 4), (2,), normalization="layer"), "normalization must be 'batch' or 'none', got 'layer'"),
 ])
 def test_non_finite_or_unknown_settings_are_refused(build, message):

@@ -14,9 +14,10 @@ import torch
 from conftest import REPO
 from pytorch_lightning import Callback
 
-from varinf import DataError, NumericalError, load_module, modules
+from varinf import ALIModule, ConfigError, DataError, MNISTDataModule, NumericalError, load_module, modules
 from varinf.callbacks import AtomicCheckpointIO
 from varinf.cli import fit, main
+from varinf.evaluation import datamodule_from_checkpoint
 
 BUDGET = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false"]
 RECIPES = {  # recipe: extra settings for a short fit
@@ -249,4 +250,25 @@ def test_a_data_folder_for_data_that_reads_no_files_is_refused(tmp_path):
     (last,) = tmp_path.glob("gan_ring/version_0/checkpoints/last.ckpt")
     with pytest.raises(SystemExit) as error:
         main(["evaluate", "--ckpt", str(last), "--data_dir", str(tmp_path), "--metrics", "parzen"])
-    assert "--data_dir does not apply to this checkpoint's data, RingDataModule, which reads no files: drop --data_dir." in str(error.value.code)
+    assert "--data_dir does not apply to this checkpoint's data, RingDataModule, which takes no data_dir: drop --data_dir." in str(error.value.code)
+
+
+class MNISTWithKwargs(MNISTDataModule):
+    """A user's datamodule that hands its other arguments, data_dir among them, to MNIST's."""
+
+    def __init__(self, crop: int = 0, **kwargs):
+        super().__init__(**kwargs)
+
+
+def test_a_data_folder_reaches_data_that_takes_it_through_keyword_arguments(tmp_path):
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "pytorch-lightning_version": "2.6.6",
+                "datamodule_hyper_parameters": {"_class_path": "test_reliability.MNISTWithKwargs", "binarize": "none"}}, checkpoint)
+    assert datamodule_from_checkpoint(checkpoint, str(tmp_path)).data_dir == str(tmp_path)
+
+
+def test_ali_with_loss_minimax_loads_but_refuses_to_fit():
+    module = ALIModule(loss="minimax")  # as a checkpoint of it is rebuilt for evaluation or sampling
+    module.setup("test")
+    with pytest.raises(ConfigError, match="would play the same game as `loss: non_saturating`"):
+        module.setup("fit")

@@ -397,11 +397,6 @@ class ALIModule(AdversarialModule):
         scheduler: LRSchedulerCallable | None = None,
         max_generator_steps: int | None = None,
     ):
-        if loss == "minimax":
-            raise ConfigError(
-                "ALIModule trains its encoder and generator on the discriminator's loss with real and fake swapped (the ALI paper's "
-                "game), so `loss: minimax` would play the same game as `loss: non_saturating`. Fix: use `loss: non_saturating`."
-            )
         super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
@@ -419,6 +414,16 @@ class ALIModule(AdversarialModule):
         real = torch.cat([x.flatten(1), z_data], 1)
         fake = torch.cat([self.model.generate(z_model).flatten(1), z_model], 1)
         return real, fake
+
+    def setup(self, stage: str) -> None:
+        """Refuse to fit with ``loss: minimax``, which would play the same game here as
+        ``non_saturating`` (a checkpoint of either still loads, for evaluation and sampling)."""
+        if stage == "fit" and self.hparams.loss == "minimax":
+            raise ConfigError(
+                "ALIModule trains its encoder and generator on the discriminator's loss with real and fake swapped (the ALI paper's "
+                "game), so `loss: minimax` would play the same game as `loss: non_saturating`. Fix: use `loss: non_saturating`."
+            )
+        super().setup(stage)
 
     def generator_phase(self, x: Tensor) -> Tensor:
         """Encoder and generator together: the discriminator's loss with real and fake swapped."""

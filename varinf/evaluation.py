@@ -159,8 +159,9 @@ def datamodule_from_checkpoint(checkpoint_path: str | Path, data_dir: str | None
     hparams.pop("_instantiator", None)
     data_class = import_class(hparams.pop("_class_path", "varinf.MNISTDataModule"))
     if data_dir is not None:
-        if "data_dir" not in inspect.signature(data_class).parameters:
-            raise ConfigError(f"--data_dir does not apply to this checkpoint's data, {data_class.__name__}, which reads no files: drop --data_dir.")
+        parameters = inspect.signature(data_class).parameters.values()
+        if not any(parameter.name == "data_dir" or parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+            raise ConfigError(f"--data_dir does not apply to this checkpoint's data, {data_class.__name__}, which takes no data_dir: drop --data_dir.")
         hparams["data_dir"] = data_dir
     return data_class(**hparams)
 

@@ -70,6 +70,7 @@ class MLP(nn.Module):
             raise ConfigError(f"activation must be one of {sorted({*ACTIVATIONS, 'maxout'})}, got {activation!r}.")
         if not (isinstance(pieces, int) and pieces >= 1):
             raise ConfigError(f"pieces must be a positive integer, got {pieces!r}.")
+        _normalization(normalization, 1, 1)  # refuses an unknown kind, hidden layers or not
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         widths = [math.prod(self.in_shape), *hidden, math.prod(self.out_shape)]
         expand = pieces if activation == "maxout" else 1  # linear units feeding each hidden unit
@@ -176,5 +177,5 @@ class ConvDecoder(nn.Module):
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        batch_shape = z.shape[: z.dim() - len(self.in_shape)]
+        batch_shape = _batch_shape(self, z)
         return self.layers(z.reshape(-1, math.prod(self.in_shape))).reshape(*batch_shape, *self.out_shape)
