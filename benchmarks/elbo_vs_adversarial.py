@@ -267,7 +267,9 @@ def task_result(model: str, seed: int, budget_name: str) -> Path:
 
 
 def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
-    """Fit and evaluate one (model, seed); write its values, the commit and the timing beside its run."""
+    """Fit and evaluate one (model, seed); write its values, the commit it started from (the code it
+    runs) and the timing beside its run."""
+    commit = git_commit()
     run, seconds, epochs = fit(model, seed, budget, runs_dir(budget_name))
     started = time.perf_counter()
     evaluation = evaluation_from_checkpoint(checkpoint_of(run), seed=seed, **budget["evaluation"])
@@ -275,7 +277,7 @@ def run_task(model: str, seed: int, budget_name: str, budget: dict) -> None:
     values.update(epochs=epochs, seconds_per_epoch=seconds_per_epoch(run))
     if seed == budget["seeds"][0]:
         save_samples(evaluation.samples[:100], run / "samples_100.png")
-    result = {"values": values, "commit": git_commit(), "threads": torch.get_num_threads(),
+    result = {"values": values, "commit": commit, "threads": torch.get_num_threads(),
               "fit_minutes": seconds / 60, "evaluation_minutes": (time.perf_counter() - started) / 60}
     task_result(model, seed, budget_name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"{model} seed {seed}: {values}", flush=True)
