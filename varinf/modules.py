@@ -486,20 +486,24 @@ CHECKPOINT_KEYS = ("state_dict", "epoch", "pytorch-lightning_version")
 def read_checkpoint(path: str | Path) -> dict:
     """The contents of a checkpoint file (on the CPU), or a :class:`DataError` naming the file and
     the fix when it is missing, truncated, damaged or not a checkpoint written by ``varinf fit``."""
-    others = sorted(str(other) for other in Path(path).parent.glob("*.ckpt") if other != Path(path))
-    fix = f"Other checkpoints of this run: {', '.join(others)} (use one with --ckpt_path or --ckpt)." if others else ""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged file fails anywhere in the unpickler, with any exception type
         reason = ": ".join([type(error).__name__, *str(error).splitlines()[:1]])
-        raise DataError(f"The checkpoint {path} cannot be read ({reason}): it is missing, truncated or not a checkpoint. {fix}".rstrip()) from None
+        raise DataError(f"The checkpoint {path} cannot be read ({reason}): it is missing, truncated or not a checkpoint. {_other_checkpoints(path)}".rstrip()) from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise DataError(
             f"{path} is a torch file but not a checkpoint written by `varinf fit` (it has no {', '.join(missing)}): "
-            f"pass a run's runs/<name>/version_N/checkpoints/last.ckpt. {fix}".rstrip()
+            f"pass a run's runs/<name>/version_N/checkpoints/last.ckpt. {_other_checkpoints(path)}".rstrip()
         )
     return checkpoint
+
+
+def _other_checkpoints(path: str | Path) -> str:
+    """A sentence naming the other checkpoints beside ``path`` (for an error about it), or ""."""
+    others = sorted(str(other) for other in Path(path).parent.glob("*.ckpt") if other != Path(path))
+    return f"Other checkpoints of this run: {', '.join(others)} (use one with --ckpt_path or --ckpt)." if others else ""
 
 
 IMPORT_PATHS_KEY = "varinf_import_paths"
