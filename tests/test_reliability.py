@@ -195,6 +195,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_checkpoint_whole(tmp_p
         ("vae_mnist", "--model.init_args.kl_warmup_epochs=.inf", "a finite beta > 0, a finite kl_warmup_epochs >= 0"),
         ("vae_mnist", "--model.init_args.guide.init_args.scale_floor=-0.5", "scale_floor must be a finite number >= 0, got -0.5"),
         ("ali_mnist", "--model.init_args.loss=minimax", "would play the same game as `loss: non_saturating`"),
+        ("vae_mnist", "--model.init_args.data_shape=[0, 28, 28]", "data_shape must be a positive int or a non-empty sequence of them, such as [1, 28, 28]; got [0, 28, 28]"),
         ("dcgan_mnist", "--data=varinf.RingDataModule", "RingDataModule serves datapoints of shape (2,), but GANModule was built for (1, 28, 28)"),
     ],
 )
@@ -272,3 +273,31 @@ def test_ali_with_loss_minimax_loads_but_refuses_to_fit():
     module.setup("test")
     with pytest.raises(ConfigError, match="would play the same game as `loss: non_saturating`"):
         module.setup("fit")
+
+
+@pytest.mark.parametrize("bad", [0, -3, [], [1, 0, 28], [1.5, 28], "28x28"])
+def test_a_data_shape_that_is_not_positive_sizes_is_refused_by_name(bad):
+    from varinf import VAEModule
+
+    with pytest.raises(ConfigError, match=r"data_shape must be a positive int or a non-empty sequence of them"):
+        VAEModule(data_shape=bad, latent_dim=2)
+
+
+def test_an_int_data_shape_means_one_dimension_on_the_module_and_on_the_data(tmp_path):
+    import pytorch_lightning as pl
+
+    from varinf import GANModule, RingDataModule
+
+    class FlatRing(RingDataModule):
+        data_shape = 2  # a user's data module may give the size of flat datapoints as an int
+
+    module = GANModule(data_shape=2, latent_dim=2)
+    assert module.model.data_shape == (2,) and module.generate(module.sample_latents(3)).shape == (3, 2)
+    before = [parameter.detach().clone() for parameter in module.model.parameters()]
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, FlatRing(sizes=(64, 8, 8), batch_size=32))
+    assert trainer.state.finished and any(not torch.equal(old, new) for old, new in zip(before, module.model.parameters()))
+    with pytest.raises(ConfigError, match=r"FlatRing serves datapoints of shape \(2,\), but GANModule was built for \(3,\)"):
+        pl.Trainer(accelerator="cpu", max_steps=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                   enable_model_summary=False).fit(GANModule(data_shape=[3], latent_dim=2), FlatRing(sizes=(64, 8, 8)))

@@ -277,7 +277,7 @@ class GANModule(AdversarialModule):
         super().__init__(loss, n_critic, gradient_penalty_weight, weight_clip, grad_clip, scheduler, max_generator_steps)
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
-        self.discriminator = discriminator(tuple(data_shape), (1,))
+        self.discriminator = discriminator(self.model.data_shape, (1,))
         self.optimizer_factories = {
             "discriminator": (discriminator_optimizer, [self.discriminator]),
             "generator": (generator_optimizer, [self.model]),
@@ -401,7 +401,7 @@ class ALIModule(AdversarialModule):
         self.save_hyperparameters()
         self.model = model(data_shape, latent_dim)
         self.build_guide(guide, ENCODER_NEEDS)
-        self.discriminator = discriminator((math.prod(data_shape) + latent_dim,), (1,))
+        self.discriminator = discriminator((math.prod(self.model.data_shape) + latent_dim,), (1,))
         self.optimizer_factories = {
             "discriminator": (discriminator_optimizer, [self.discriminator]),
             "generator": (generator_optimizer, [self.guide, self.model]),

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn.functional import softplus
 
 from varinf.errors import ConfigError
-from varinf.models import DATA_PLATE, LATENT, check_data_shape
+from varinf.models import DATA_PLATE, LATENT, as_data_shape, check_data_shape
 from varinf.networks import MLP, NetworkFactory
 
 CAPABILITIES = {
@@ -102,7 +102,7 @@ class _AmortizedGuide(PyroModule):
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int):
         super().__init__()
-        self.data_shape, self.latent_dim = tuple(data_shape), latent_dim
+        self.data_shape, self.latent_dim = as_data_shape(data_shape), latent_dim
 
     def posterior(self, x: Tensor) -> dist.TorchDistribution:
         raise NotImplementedError

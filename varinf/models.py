@@ -30,6 +30,14 @@ DATA_PLATE = "data"
 """Name of the plate over datapoints."""
 
 
+def as_data_shape(data_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """The shape of one datapoint as a tuple of positive ints; an int ``n`` means ``(n,)``."""
+    shape = (data_shape,) if isinstance(data_shape, int) else data_shape
+    if not isinstance(shape, Sequence) or not shape or not all(isinstance(size, int) and size > 0 for size in shape):
+        raise ConfigError(f"data_shape must be a positive int or a non-empty sequence of them, such as [1, 28, 28]; got {data_shape!r}.")
+    return tuple(shape)
+
+
 def check_data_shape(x: Tensor, data_shape: Sequence[int], where: str) -> None:
     """Raise a clear error unless ``x`` is a batch of shape ``(B, *data_shape)``."""
     if tuple(x.shape[1:]) != tuple(data_shape):
@@ -61,7 +69,7 @@ class LatentVariableModel(PyroModule):
         super().__init__()
         if latent_dim < 1:
             raise ConfigError(f"latent_dim must be at least 1, got {latent_dim}.")
-        self.data_shape, self.latent_dim = tuple(data_shape), latent_dim
+        self.data_shape, self.latent_dim = as_data_shape(data_shape), latent_dim
         self.decoder = decoder((latent_dim,), self.data_shape)
         self.likelihood = likelihood()
         self.prior = prior(latent_dim)

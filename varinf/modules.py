@@ -31,7 +31,7 @@ from varinf.guides import (
 )
 from varinf.likelihoods import BernoulliLikelihood
 from varinf.metrics import ActiveUnits, EpochMeans
-from varinf.models import LatentVariableModel, ModelFactory
+from varinf.models import LatentVariableModel, ModelFactory, as_data_shape
 from varinf.objectives import ELBOLoss, IWAELoss, KLEstimator
 
 RNG_STATES_KEY = "varinf_rng_states"
@@ -120,11 +120,12 @@ class GenerativeModule(pl.LightningModule):
         training split. Lightning restores a checkpoint after ``setup``, so a resumed fit keeps the
         checkpoint's prior."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        data_shape = getattr(datamodule, "data_shape", None)
-        if data_shape is not None and tuple(data_shape) != tuple(self.model.data_shape):
+        served = getattr(datamodule, "data_shape", None)
+        served, built = (None if served is None else as_data_shape(served)), as_data_shape(self.model.data_shape)
+        if served is not None and served != built:
             raise ConfigError(
-                f"{type(datamodule).__name__} serves datapoints of shape {tuple(data_shape)}, but {type(self).__name__} was built for "
-                f"{tuple(self.model.data_shape)}. Fix: set the model's data_shape to {list(data_shape)} (with networks for that shape, as "
+                f"{type(datamodule).__name__} serves datapoints of shape {served}, but {type(self).__name__} was built for "
+                f"{built}. Fix: set the model's data_shape to {list(served)} (with networks for that shape, as "
                 "in the recipes for that data), or choose data of the model's shape."
             )
         initialise = getattr(getattr(self.model, "prior", None), "initialise_from_data", None)
