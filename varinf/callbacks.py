@@ -56,6 +56,7 @@ class ImageGrids(pl.Callback):
     Args:
         num_samples: images per sample grid.
         num_reconstructions: test images to reconstruct.
+        num_points: samples per scatter plot, for 2-D data.
         seed: seeds the fixed latents.
     """
 

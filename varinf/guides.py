@@ -152,6 +152,7 @@ class FullCovarianceGaussianGuide(_AmortizedGuide):
 
     Args:
         encoder: builds the network ``data_shape -> (latent_dim + latent_dim (latent_dim + 1) / 2,)``.
+        scale_floor: smallest diagonal entry of L.
     """
 
     def __init__(self, data_shape: Sequence[int], latent_dim: int, encoder: NetworkFactory = MLP, scale_floor: float = 1e-3):
@@ -192,6 +193,7 @@ class FlowGuide(_AmortizedGuide):
         flow: ``iaf`` or ``coupling``.
         num_flows: number of flow steps.
         hidden: hidden widths of each step's network.
+        scale_floor: smallest standard deviation of the base Gaussian.
     """
 
     capabilities = frozenset({"density", "posterior", "rsample"})  # log_prob of other z: not batched here

@@ -104,8 +104,9 @@ class ELBOLoss(nn.Module):
     """``-ELBO(x) = -E_q[log p(x|z)] + beta KL(q(z|x) || p(z))`` per datapoint, from Pyro's ELBO.
 
     The loss is the differentiable loss of Pyro's ``ELBOModule``: ``TraceMeanField_ELBO`` for an
-    analytic KL, ``Trace_ELBO`` for a Monte-Carlo one. The KL weight ``beta`` (for beta-VAE and
-    KL warm-up) is a ``poutine.scale`` on the latent site of both model and guide.
+    analytic KL, ``Trace_ELBO`` for a Monte-Carlo one. The KL weight (the attribute ``kl_weight``,
+    which ``VAEModule`` sets from ``beta`` and ``kl_warmup_epochs``) is a ``poutine.scale`` on the
+    latent site of model and guide on Pyro's path, and a product on the direct paths below.
 
     For varinf's own model and guides (:func:`is_two_site_program`) the same estimator is computed
     from their distributions directly, with the same random draws, skipping Pyro's tracing (the

@@ -1,0 +1,106 @@
+"""What two choices of the recipes save per VAE training step: fused Adam, and the matrix-product
+mixture density of the VampPrior.
+
+    python benchmarks/step_costs.py [--steps 50] [--warmup 10] [--rounds 5]
+
+Each variant is the recipes' 784-500-500-50 VAE (Gaussian encoder, Bernoulli decoder, analytic KL,
+batch 128, Adam 1e-3) on dynamically binarised MNIST, timed as the step a module makes: the loss of
+``VAEModule.objective``, backward, the optimiser step (no Lightning loop, which adds the same to
+each). The variants:
+
+* ``fused``: Adam with ``fused=True``, as in the recipes; ``unfused``: torch's default Adam;
+* ``vampprior``: the ``vae_vampprior_mnist`` prior, 100 pseudo-inputs, whose density
+  (``varinf.priors.DiagonalNormalMixture``) is computed with matrix products;
+* ``vampprior_mixture_same_family``: the same prior with the density of torch's
+  ``MixtureSameFamily``, which forms a ``(batch, K, latent_dim)`` tensor.
+
+The variants run interleaved, one step of each in turn, so that the machine's drifts hit all of
+them alike; every ratio is the median over ``--rounds`` rounds of the ratio of median step times.
+Writes benchmarks/results/step_costs.{json,md}.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pyro.distributions as dist
+import torch
+
+from varinf import MLP, GaussianEncoderGuide, LatentVariableModel, MNISTDataModule, VampPrior, VAEModule
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH, HIDDEN, LATENT, PSEUDO_INPUTS = 128, (500, 500), 50, 100
+
+
+class MixtureSameFamilyVampPrior(VampPrior):
+    """The VampPrior with torch's general mixture density in place of the matrix products."""
+
+    def forward(self) -> dist.TorchDistribution:
+        components = self._guide[0].posterior(self.pseudo_inputs())
+        uniform = torch.zeros(components.batch_shape, device=self.raw_pseudo_inputs.device)
+        return dist.MixtureSameFamily(dist.Categorical(logits=uniform, validate_args=False), components, validate_args=False)
+
+
+def vae(prior=None, fused: bool = True) -> tuple[VAEModule, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model_args = {} if prior is None else {"prior": lambda dim: prior(dim, num_pseudo_inputs=PSEUDO_INPUTS, init="noise")}
+    module = VAEModule(
+        latent_dim=LATENT,
+        guide=lambda shape, dim: GaussianEncoderGuide(shape, dim, encoder=lambda i, o: MLP(i, o, hidden=HIDDEN)),
+        model=lambda shape, dim: LatentVariableModel(shape, dim, decoder=lambda i, o: MLP(i, o, hidden=HIDDEN), **model_args),
+    )
+    return module, torch.optim.Adam(module.parameters(), lr=1e-3, fused=fused)
+
+
+def timed_step(module: VAEModule, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    started = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    module.objective.terms(x).loss.backward()
+    optimizer.step()
+    return time.perf_counter() - started
+
+
+def one_round(images: torch.Tensor, warmup: int, steps: int) -> dict[str, float]:
+    variants = {"fused": vae(), "unfused": vae(fused=False), "vampprior": vae(VampPrior),
+                "vampprior_mixture_same_family": vae(MixtureSameFamilyVampPrior)}
+    times = {name: [] for name in variants}
+    for step in range(warmup + steps):
+        x = torch.bernoulli(images[torch.randint(len(images), (BATCH,))])
+        for name, (module, optimizer) in variants.items():
+            seconds = timed_step(module, optimizer, x)
+            if step >= warmup:
+                times[name].append(seconds)
+    ms = {f"{name}_ms": 1000 * statistics.median(values) for name, values in times.items()}
+    return {**ms, "unfused_over_fused": ms["unfused_ms"] / ms["fused_ms"], "vampprior_over_vae": ms["vampprior_ms"] / ms["fused_ms"],
+            "vampprior_mixture_same_family_over_vae": ms["vampprior_mixture_same_family_ms"] / ms["fused_ms"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    data = MNISTDataModule(binarize="dynamic")
+    data.setup("fit")
+    images = data.splits["train"][0]
+    rounds = []
+    for number in range(args.rounds):
+        rounds.append(one_round(images, args.warmup, args.steps))
+        print(f"round {number + 1}/{args.rounds}: " + ", ".join(f"{key} {value:.3f}" for key, value in rounds[-1].items()), flush=True)
+    results = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"torch": torch.__version__, "threads": torch.get_num_threads(), **vars(args), **results, "per_round": rounds}
+    (RESULTS / "step_costs.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = ["| quantity | value |", "| --- | --- |", *(f"| {key} | {value:.3f} |" for key, value in results.items())]
+    header = (f"# VAE step costs\n\nThe 784-500-500-50 VAE's step (loss, backward, Adam; batch {BATCH}, {torch.get_num_threads()} thread(s)): "
+              f"medians over {args.rounds} rounds of {args.steps} interleaved steps after {args.warmup} warm-up steps; ms per step, and "
+              "ratios as medians of per-round ratios. `benchmarks/step_costs.py` describes the variants.\n\n")
+    (RESULTS / "step_costs.md").write_text(header + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
