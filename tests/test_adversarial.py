@@ -97,6 +97,34 @@ def test_maxout_mlp_is_the_max_over_pieces_of_linear_units():
         MLP((6,), (2,), activation="maxout", pieces=0)
 
 
+def _cpu_vendor() -> str:
+    try:
+        return next(line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+@pytest.mark.parametrize("shape, p", [((64, 512), 0.2), ((3, 7, 5), 0.5), ((100, 1000), 0.3)])
+def test_dropout_draws_its_mask_from_torch_rand_the_same_on_every_cpu(shape, p):
+    """x * 1[u < 1 - p] / (1 - p) with u from torch.rand in float64, consuming the generator as
+    torch's own dropout kernel does; on processors where torch does not use MKL's generator
+    (all but Intel), bit for bit torch's dropout, so fits made there are unchanged."""
+    from varinf.networks import Dropout
+
+    x, dropout = torch.randn(shape), Dropout(p).train()
+    torch.manual_seed(1)
+    dropped, after = dropout(x), torch.rand(3)
+    torch.manual_seed(1)
+    keep = torch.rand(shape, dtype=torch.float64) < 1 - p
+    assert torch.equal(dropped, x * (keep.float() / (1 - p)))  # the scaled mask, as torch scales it
+    assert torch.equal(after, torch.rand(3))  # the generator is where torch's dropout leaves it
+    assert abs(keep.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / keep.numel())
+    assert torch.equal(dropout.eval()(x), x)
+    if _cpu_vendor() != "GenuineIntel":
+        torch.manual_seed(1)
+        assert torch.equal(dropped, torch.nn.functional.dropout(x, p, training=True))
+
+
 def test_spectral_norm_mlp_has_unit_largest_singular_values():
     """Miyato et al. (2018): W / sigma_max(W), sigma_max by power iteration, which converges over steps."""
     torch.manual_seed(0)

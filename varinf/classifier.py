@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from varinf.data import MNISTDataModule
 from varinf.errors import DataError
+from varinf.networks import Dropout
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "mnist_classifier.pt"
 
@@ -37,7 +38,7 @@ class MNISTClassifier(nn.Module):
             nn.Flatten(), nn.Linear(64 * 4 * 4, self.num_features), nn.ReLU(),
         )
         self.features.num_features = self.num_features  # read by torchmetrics' FID and KID
-        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(self.num_features, 10))
+        self.head = nn.Sequential(Dropout(0.5), nn.Linear(self.num_features, 10))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))

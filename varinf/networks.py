@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from varinf.errors import ConfigError, DataError
@@ -17,6 +18,20 @@ from varinf.errors import ConfigError, DataError
 Shape = Sequence[int]
 NetworkFactory = Callable[[Shape, Shape], nn.Module]
 """Builds a network from ``(in_shape, out_shape)``; in a recipe, a class path with ``init_args``."""
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that draws the same mask on every CPU: ``x * 1[u < 1 - p] / (1 - p)`` with
+    ``u ~ U[0, 1)`` from ``torch.rand`` in float64. torch's CPU dropout draws its mask with MKL's
+    generator on Intel processors and with torch's own elsewhere (``bernoulli_scalar_kernel``),
+    so one seed gave two fits; this is torch's own draw, which AMD processors get, on every CPU.
+    Other devices use torch's kernel. Without parameters, it loads ``nn.Dropout``'s checkpoints."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = 1 - self.p
+        return x * (torch.rand(x.shape, dtype=torch.float64) < keep).to(x.dtype).div_(keep)
+
 
 class Maxout(nn.Module):
     """``h_j = max_k a_{jk}`` over ``pieces`` consecutive linear outputs per unit (Goodfellow et al. 2013)."""
@@ -75,14 +90,14 @@ class MLP(nn.Module):
         widths = [math.prod(self.in_shape), *hidden, math.prod(self.out_shape)]
         expand = pieces if activation == "maxout" else 1  # linear units feeding each hidden unit
         linear_widths = [width * expand for width in hidden] + [widths[-1]]
-        layers: list[nn.Module] = [nn.Dropout(input_dropout)] if input_dropout > 0 else []
+        layers: list[nn.Module] = [Dropout(input_dropout)] if input_dropout > 0 else []
         for index, (width_in, width_out) in enumerate(zip(widths[:-1], linear_widths)):
             if index > 0:  # the hidden units between two linear maps
                 if normalization != "none":
                     layers.append(_normalization(normalization, width_in * expand, 1))
                 layers.append(Maxout(pieces) if activation == "maxout" else ACTIVATIONS[activation]())
                 if dropout > 0:
-                    layers.append(nn.Dropout(dropout))
+                    layers.append(Dropout(dropout))
             layers.append(nn.Linear(width_in, width_out))
         if spectral_norm:
             layers = [nn.utils.parametrizations.spectral_norm(layer) if isinstance(layer, nn.Linear) else layer for layer in layers]
