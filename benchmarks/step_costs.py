@@ -98,9 +98,9 @@ def plot(rounds: list[dict[str, float]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps of each variant per round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each variant first")
+    parser.add_argument("--rounds", type=int, default=9, help="fresh networks each round; medians over rounds are reported")
     args = parser.parse_args()
     data = MNISTDataModule(binarize="dynamic")
     data.setup("fit")
