@@ -42,9 +42,9 @@ class MixtureSameFamilyVampPrior(VampPrior):
     """The VampPrior with torch's general mixture density in place of the matrix products."""
 
     def forward(self) -> dist.TorchDistribution:
-        components = self._guide[0].posterior(self.pseudo_inputs())
-        uniform = torch.zeros(components.batch_shape, device=self.raw_pseudo_inputs.device)
-        return dist.MixtureSameFamily(dist.Categorical(logits=uniform, validate_args=False), components, validate_args=False)
+        mixture = super().forward()  # a DiagonalNormalMixture: the same components and weights
+        components = dist.Normal(mixture.locs, mixture.scales, validate_args=False).to_event(1)
+        return dist.MixtureSameFamily(dist.Categorical(logits=mixture.logits, validate_args=False), components, validate_args=False)
 
 
 def vae(prior=None, fused: bool = True) -> tuple[VAEModule, torch.optim.Optimizer]:

@@ -120,9 +120,8 @@ class GenerativeModule(pl.LightningModule):
         training split. Lightning restores a checkpoint after ``setup``, so a resumed fit keeps the
         checkpoint's prior."""
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        served = getattr(datamodule, "data_shape", None)
-        served, built = (None if served is None else as_data_shape(served)), as_data_shape(self.model.data_shape)
-        if served is not None and served != built:
+        served, built = getattr(datamodule, "data_shape", None), as_data_shape(self.model.data_shape)
+        if served is not None and (served := as_data_shape(served)) != built:
             raise ConfigError(
                 f"{type(datamodule).__name__} serves datapoints of shape {served}, but {type(self).__name__} was built for "
                 f"{built}. Fix: set the model's data_shape to {list(served)} (with networks for that shape, as "
