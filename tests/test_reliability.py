@@ -23,6 +23,7 @@ BUDGET = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=1", "--
 RECIPES = {  # recipe: extra settings for a short fit
     "vae_mnist": ["--trainer.max_epochs=3", "--trainer.limit_train_batches=60"],
     "gan_mnist": ["--trainer.max_epochs=3", "--trainer.limit_train_batches=60"],
+    "gan_sn_mnist": ["--trainer.max_epochs=3", "--trainer.limit_train_batches=60"],  # with an EMA of the weights
 }
 
 

@@ -397,6 +397,24 @@ def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp
     assert type(load_module(str(run / "checkpoints" / "last.ckpt"))) is type(module)
 
 
+def test_weight_averaging_keeps_the_average_in_the_checkpoint_and_tests_it(tmp_path):
+    """gan_sn_mnist keeps an EMA of its weights: the checkpoint's state_dict is the average (what
+    load_module, evaluate and sample read), its current_model_state the weights that trained, and
+    the test after fitting sees the average too."""
+    cli = fit([
+        "fit", "--config", str(REPO / "recipes" / "gan_sn_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=10",
+        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ])
+    path = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    averaged, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[name], trained[name]) for name in averaged if name.startswith("model.decoder"))
+    for source in (cli.model, load_module(str(path))):
+        for name, value in source.state_dict().items():
+            torch.testing.assert_close(value, averaged[name], rtol=0, atol=0, msg=name)
+
+
 def test_generator_step_budget_stops_training(tmp_path):
     cli = fit([
         "fit", "--config", str(REPO / "recipes" / "gan_ring.yaml"), "--model.init_args.max_generator_steps=7",

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from jsonargparse import ActionYesNo
 from pytorch_lightning import Callback, LightningDataModule, LightningModule
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
@@ -153,7 +154,12 @@ class VarinfCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
+        """Test the best checkpoint. With weight averaging (Lightning's ``WeightAveraging``, e.g.
+        ``EMAWeightAveraging``) the checkpoint's ``state_dict`` holds the averaged weights, which
+        ``evaluate`` and ``sample`` use; the callback would load the weights that trained instead,
+        so it is left out of the test."""
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
+            self.trainer.callbacks = [callback for callback in self.trainer.callbacks if not isinstance(callback, WeightAveraging)]
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
