@@ -68,7 +68,7 @@ MODELS = {  # name: (recipe, training epochs under the full budget); add a row t
 }
 PAPER_PROTOCOLS = {  # name: (recipe, training epochs); one seed
     "aae_paper": ("aae_paper_mnist", 90),  # the AAE paper's deterministic encoder, 2 x 1000 MLPs and N(0, 5^2 I) prior; learning rates x0.1 after 80
-    "gan_paper": ("gan_sn_mnist", 260),  # a non-saturating GAN, its discriminator spectrally normalised; Parzen 220-231 from epoch 200
+    "gan_paper": ("gan_sn_mnist", 260),  # a non-saturating GAN, its discriminator spectrally normalised, the weights kept an EMA
     "vae_iwae_paper": ("vae_iwae_paper_mnist", 121),  # the first 4 of the paper's 7 learning-rate stages
 }
 PUBLISHED = {  # THEORY.md section 4
