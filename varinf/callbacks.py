@@ -76,7 +76,10 @@ class ImageGrids(pl.Callback):
         save_samples(self._samples(pl_module), self._path(trainer, name), reference)
 
     @rank_zero_only
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_epoch_start(self, trainer, pl_module):
+        """Drawn as validation starts, in evaluation mode: with weight averaging (Lightning's
+        ``WeightAveraging``, listed before this callback) the module then holds the averaged
+        weights, which validation and the checkpoint see; it swaps them back at the epoch's end."""
         if not trainer.sanity_checking:
             self._save(trainer, pl_module, f"samples_epoch_{trainer.current_epoch:03d}.png")
 
