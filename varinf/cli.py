@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -157,10 +158,12 @@ class VarinfCLI(LightningCLI):
         """Test the best checkpoint. With weight averaging (Lightning's ``WeightAveraging``, e.g.
         ``EMAWeightAveraging``) the checkpoint's ``state_dict`` holds the averaged weights, which
         ``evaluate`` and ``sample`` use; the callback would load the weights that trained instead,
-        so it is left out of the test."""
+        so it is left out of the test (and Lightning's warning that it is missing is silenced)."""
         if self.trainer.checkpoint_callback is not None and self.trainer.checkpoint_callback.best_model_path:
             self.trainer.callbacks = [callback for callback in self.trainer.callbacks if not isinstance(callback, WeightAveraging)]
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
 
 
 def add_recipe_folders_to_path(args: list[str]) -> list[str]:
