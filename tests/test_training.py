@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -399,18 +398,16 @@ def test_every_adversarial_recipe_fits_from_the_cli_and_logs_its_divergences(tmp
     assert type(load_module(str(run / "checkpoints" / "last.ckpt"))) is type(module)
 
 
-def test_weight_averaging_keeps_the_average_in_the_checkpoint_and_tests_it(tmp_path):
+def test_weight_averaging_keeps_the_average_in_the_checkpoint_and_tests_it(tmp_path, recwarn):
     """gan_sn_mnist keeps an EMA of its weights: the checkpoint's state_dict is the average (what
     load_module, evaluate and sample read), its current_model_state the weights that trained, and
     the test after fitting sees the average too, without Lightning's warning that the callback is missing."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cli = fit([
-            "fit", "--config", str(REPO / "recipes" / "gan_sn_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=10",
-            "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-        ])
-    assert not [str(warning.message) for warning in caught if "callbacks used to create the checkpoint" in str(warning.message)]
+    cli = fit([
+        "fit", "--config", str(REPO / "recipes" / "gan_sn_mnist.yaml"), "--trainer.max_epochs=1", "--trainer.limit_train_batches=10",
+        "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ])
+    assert not [str(warning.message) for warning in recwarn if "callbacks used to create the checkpoint" in str(warning.message)]
     path = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     averaged, trained = checkpoint["state_dict"], checkpoint["current_model_state"]
